@@ -1,0 +1,252 @@
+//! The shape of `portcullis.toml` (SPEC §2), exactly as written by the operator.
+//!
+//! Every table denies unknown fields: a misspelt `per_ip` must be an error, never a silently
+//! dropped limit. Units are parsed here (their errors carry the TOML span); cross-field rules and
+//! `${NAME}` secrets are handled in `runtime.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+
+use super::units::{ByteSize, ConfDuration, Rate};
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    pub tls: Option<RawTls>,
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub auth: RawAuth,
+    pub cors: Option<RawCors>,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: OneOrMany,
+    pub trusted_proxies: Vec<String>,
+    pub max_body: ByteSize,
+    pub header_timeout: ConfDuration,
+    pub request_timeout: ConfDuration,
+    pub stream_idle_timeout: ConfDuration,
+    pub idle_timeout: ConfDuration,
+    pub shutdown_grace: ConfDuration,
+    pub max_connections: u32,
+    pub max_header_bytes: ByteSize,
+    pub http2_max_concurrent_streams: u32,
+    pub allow_plaintext_public: bool,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        use std::time::Duration;
+        RawServer {
+            listen: OneOrMany(vec!["127.0.0.1:8080".to_owned()]),
+            trusted_proxies: Vec::new(),
+            max_body: ByteSize(10 << 20),
+            header_timeout: ConfDuration(Duration::from_secs(10)),
+            request_timeout: ConfDuration(Duration::from_secs(30)),
+            stream_idle_timeout: ConfDuration(Duration::from_secs(300)),
+            idle_timeout: ConfDuration(Duration::from_secs(60)),
+            shutdown_grace: ConfDuration(Duration::from_secs(30)),
+            max_connections: 1024,
+            max_header_bytes: ByteSize(32 << 10),
+            http2_max_concurrent_streams: 100,
+            allow_plaintext_public: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+    #[serde(default)]
+    pub client_ca: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub token: String,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub output: String,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        RawAudit {
+            output: "stdout".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAuth {
+    pub headers: Vec<String>,
+    pub query_param: String,
+    pub lockout_failures: u32,
+    pub lockout_window: ConfDuration,
+    pub lockout_duration: ConfDuration,
+}
+
+impl Default for RawAuth {
+    fn default() -> Self {
+        use std::time::Duration;
+        RawAuth {
+            headers: vec!["authorization".to_owned(), "x-api-key".to_owned()],
+            query_param: String::new(),
+            lockout_failures: 10,
+            lockout_window: ConfDuration(Duration::from_secs(60)),
+            lockout_duration: ConfDuration(Duration::from_secs(15 * 60)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCors {
+    pub allowed_origins: Vec<String>,
+    pub allowed_methods: Vec<String>,
+    pub allowed_headers: Vec<String>,
+    pub allow_credentials: bool,
+    pub max_age: ConfDuration,
+}
+
+impl Default for RawCors {
+    fn default() -> Self {
+        RawCors {
+            allowed_origins: Vec::new(),
+            allowed_methods: vec!["GET".into(), "POST".into(), "OPTIONS".into()],
+            allowed_headers: vec![
+                "authorization".into(),
+                "content-type".into(),
+                "x-api-key".into(),
+            ],
+            allow_credentials: false,
+            max_age: ConfDuration(std::time::Duration::from_secs(600)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub per_ip: Rate,
+    pub per_key: Rate,
+    pub max_tracked_clients: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let per_min = |n| Rate::parse(&format!("{n}/min")).unwrap_or(Rate::Off);
+        RawLimits {
+            per_ip: per_min(600),
+            per_key: per_min(600),
+            max_tracked_clients: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub id: String,
+    pub hash: String,
+    pub routes: Option<Vec<String>>,
+    pub per_key: Option<Rate>,
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub path: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub upstream: String,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    #[serde(default)]
+    pub auth: RawAuthMode,
+    pub per_ip: Option<Rate>,
+    pub per_key: Option<Rate>,
+    pub max_body: Option<ByteSize>,
+    pub timeout: Option<ConfDuration>,
+    #[serde(default)]
+    pub allow_ips: Vec<String>,
+    #[serde(default)]
+    pub deny_ips: Vec<String>,
+    #[serde(default)]
+    pub websocket: bool,
+    #[serde(default)]
+    pub upstream_headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawAuthMode {
+    #[default]
+    Key,
+    None,
+}
+
+/// `listen = "addr"` or `listen = ["addr", "addr"]`.
+#[derive(Debug)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an address string or a list of address strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                if out.is_empty() {
+                    return Err(de::Error::custom("at least one listen address is needed"));
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

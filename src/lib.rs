@@ -1,0 +1,206 @@
+//! portcullis: a hardened gateway for self-hosted AI services.
+//!
+//! `run` is the whole life of the process: load and validate the config before anything
+//! listens, bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT. The request path is
+//! described, step by step, in [`pipeline`].
+
+pub mod audit;
+pub mod client_ip;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod path;
+pub mod pipeline;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::Audit;
+use crate::config::Config;
+use crate::config::env::LayeredEnv;
+use crate::pipeline::Shared;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why the gateway could not start. Printed to stderr; the process exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Loads and fully validates a config: the file, env secrets and the TLS files.
+pub fn load_checked(
+    path: &Path,
+    env: &LayeredEnv,
+) -> Result<(Config, Option<Arc<rustls::ServerConfig>>), StartError> {
+    let cfg = config::load(path, env)?;
+    let tls = match &cfg.tls {
+        None => None,
+        Some(files) => Some(
+            tls::server_config(files)
+                .map_err(|m| StartError::Other(format!("{}: {m}", path.display())))?,
+        ),
+    };
+    Ok((cfg, tls))
+}
+
+/// Runs the gateway until SIGTERM/SIGINT, then drains and returns.
+pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
+    if env.dotenv_too_open {
+        tracing::warn!(".env is readable by group or others; chmod 600 .env");
+    }
+    let (cfg, tls) = load_checked(&path, &env)?;
+    let listeners = server::bind(&cfg.server.listen)
+        .await
+        .map_err(StartError::Other)?;
+    let audit = Audit::start(&cfg.audit)
+        .await
+        .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
+    if cfg.server.allow_plaintext_public && cfg.tls.is_none() {
+        tracing::warn!(
+            "server.allow_plaintext_public: API keys will cross the network in clear text"
+        );
+    }
+
+    let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
+    let shutdown = CancellationToken::new();
+    let grace = cfg.server.shutdown_grace;
+    let serve = Arc::new(server::Serve {
+        semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
+        shared: Arc::new(Shared {
+            config: ArcSwap::from_pointee(cfg),
+            forwarder: proxy::Forwarder::new(),
+            audit: audit.clone(),
+            tunnels: TaskTracker::new(),
+        }),
+        tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
+        shutdown: shutdown.clone(),
+        connections: TaskTracker::new(),
+    });
+
+    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let mut accept_tasks = Vec::new();
+    for (l, _) in listeners.bound {
+        accept_tasks.push(tokio::spawn(server::accept_loop(
+            serve.clone(),
+            l,
+            graceful.clone(),
+        )));
+    }
+
+    {
+        let cfg = serve.shared.config.load();
+        audit.emit(&audit::Startup {
+            ts: audit::now_rfc3339(),
+            event: "startup",
+            version: VERSION,
+            listeners: addrs.clone(),
+            tls: serve.tls.is_some(),
+            admin: None,
+            routes: cfg.routes.iter().map(|r| r.name.as_str()).collect(),
+            key_count: cfg.keys.len(),
+        });
+        audit.flush().await;
+    }
+    tracing::info!(listeners = ?addrs, "portcullis {VERSION} listening");
+
+    wait_for_shutdown(&serve, &path, &env).await;
+
+    // Drain: stop accepting, let in-flight requests and streams finish within the grace period.
+    shutdown.cancel();
+    for t in accept_tasks {
+        let _ = t.await;
+    }
+    serve.shared.tunnels.close();
+    let drained = tokio::time::timeout(grace, async {
+        if let Ok(graceful) = Arc::try_unwrap(graceful) {
+            graceful.shutdown().await;
+        }
+        serve.shared.tunnels.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown_grace elapsed; closing remaining connections");
+    }
+    audit.emit(&audit::Simple {
+        ts: audit::now_rfc3339(),
+        event: "shutdown",
+    });
+    audit.flush().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_shutdown(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => reload(serve, path, env),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_shutdown(_serve: &server::Serve, _path: &Path, _env: &LayeredEnv) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// SIGHUP: load and validate off to the side, then swap; on error keep serving the old config.
+fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
+    #[derive(serde::Serialize)]
+    struct Reload<'a> {
+        ts: String,
+        event: &'static str,
+        result: &'static str,
+        reason: Option<&'a str>,
+    }
+    let result = load_checked(path, env).and_then(|(cfg, tls)| {
+        let old = serve.shared.config.load();
+        if cfg.server.listen != old.server.listen {
+            tracing::warn!("server.listen changed: takes effect at the next restart");
+        }
+        match (&serve.tls, tls) {
+            (Some(cur), Some(new)) => cur.store(new),
+            (None, None) => {}
+            _ => {
+                return Err(StartError::Other(
+                    "adding or removing [tls] needs a restart".into(),
+                ));
+            }
+        }
+        serve.shared.config.store(Arc::new(cfg));
+        Ok(())
+    });
+    let (res, reason) = match &result {
+        Ok(()) => ("ok", None),
+        Err(e) => ("failed", Some(e.to_string())),
+    };
+    serve.shared.audit.emit(&Reload {
+        ts: audit::now_rfc3339(),
+        event: "reload",
+        result: res,
+        reason: reason.as_deref(),
+    });
+}

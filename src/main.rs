@@ -1,0 +1,199 @@
+//! The `portcullis` command: run, check, keygen, hash-key.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use portcullis::config::{self, env::LayeredEnv};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A hardened gateway for self-hosted AI services"
+)]
+struct Cli {
+    /// Config file (default: $PORTCULLIS_CONFIG, else /etc/portcullis/portcullis.toml)
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway in the foreground (the default)
+    Run,
+    /// Validate the config (env secrets and certificate files included) and print a summary
+    Check,
+    /// Print a new random API key once, then a [[keys]] block holding only its hash
+    Keygen {
+        #[arg(long)]
+        id: String,
+        /// Comma-separated route names the key may use (default: every route with auth = "key")
+        #[arg(long, value_delimiter = ',')]
+        routes: Vec<String>,
+    },
+    /// Read one key from stdin and print sha256:<hex>
+    HashKey,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(cli.config),
+        Command::Check => check(cli.config),
+        Command::Keygen { id, routes } => keygen(&id, &routes),
+        Command::HashKey => hash_key(),
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("PORTCULLIS_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    // One JSON object per line on stderr: a client's bytes in a field cannot start a new line.
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_current_span(false)
+        .init();
+}
+
+fn env() -> Result<LayeredEnv, ExitCode> {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    LayeredEnv::load(&cwd).map_err(|e| {
+        eprintln!("portcullis: {e}");
+        ExitCode::from(1)
+    })
+}
+
+fn run(cli_path: Option<PathBuf>) -> ExitCode {
+    init_tracing();
+    let env = match env() {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let path = config::resolve_path(cli_path.as_deref(), &env);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portcullis: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(portcullis::run(path, env)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check(cli_path: Option<PathBuf>) -> ExitCode {
+    let env = match env() {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let path = config::resolve_path(cli_path.as_deref(), &env);
+    match portcullis::load_checked(&path, &env) {
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            ExitCode::from(1)
+        }
+        Ok((cfg, _)) => {
+            println!("{}: OK", path.display());
+            let listeners: Vec<String> = cfg.server.listen.iter().map(|a| a.to_string()).collect();
+            println!(
+                "listeners: {} ({})",
+                listeners.join(", "),
+                if cfg.tls.is_some() {
+                    "TLS"
+                } else {
+                    "plain HTTP"
+                }
+            );
+            if let Some(a) = &cfg.admin {
+                println!("admin: {}", a.listen);
+            }
+            println!("routes:");
+            for r in &cfg.routes {
+                let host = r
+                    .host
+                    .as_deref()
+                    .map(|h| format!(" host={h}"))
+                    .unwrap_or_default();
+                let auth = match r.auth {
+                    portcullis::config::runtime::AuthMode::Key => "key",
+                    portcullis::config::runtime::AuthMode::None => "none",
+                };
+                println!(
+                    "  {:<12} {}/{host} -> {}://{}{} auth={auth}{}",
+                    r.name,
+                    r.prefix,
+                    r.upstream.scheme,
+                    r.upstream.authority,
+                    r.upstream.base_path,
+                    if r.websocket { " websocket" } else { "" }
+                );
+            }
+            let ids: Vec<&str> = cfg.keys.iter().map(|k| k.id.as_str()).collect();
+            println!("keys: {} [{}]", ids.len(), ids.join(", "));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn keygen(id: &str, routes: &[String]) -> ExitCode {
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        eprintln!("portcullis: --id must be letters, digits, '-', '_' or '.'");
+        return ExitCode::from(2);
+    }
+    let key = match portcullis::keys::generate() {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("portcullis: no randomness from the OS: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("{key}");
+    println!();
+    println!(
+        "# Give the key above to the client; it is not stored anywhere. Paste this into the config:"
+    );
+    println!("[[keys]]");
+    println!("id = \"{id}\"");
+    println!("hash = \"{}\"", portcullis::keys::hash_string(&key));
+    if !routes.is_empty() {
+        let list: Vec<String> = routes.iter().map(|r| format!("\"{r}\"")).collect();
+        println!("routes = [{}]", list.join(", "));
+    }
+    ExitCode::SUCCESS
+}
+
+fn hash_key() -> ExitCode {
+    let mut s = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut s) {
+        eprintln!("portcullis: cannot read stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let key = s.trim_end_matches(['\n', '\r']);
+    if key.is_empty() {
+        eprintln!("portcullis: no key on stdin");
+        return ExitCode::from(1);
+    }
+    println!("{}", portcullis::keys::hash_string(key));
+    ExitCode::SUCCESS
+}

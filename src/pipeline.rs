@@ -1,0 +1,464 @@
+//! The request pipeline: the one place where the SPEC §3 order lives.
+//!
+//! Every request to a client listener passes these steps, in this order:
+//!
+//! 1. connection limits, TLS, header read timeout ............ `server.rs` (before this module)
+//! 2. request id: kept from a trusted proxy if well-formed, else a new ULID
+//! 3. client IP: peer, or right-most untrusted `X-Forwarded-For` hop via a trusted proxy
+//! 4. request-target checks, path normalization, route match .. 400 / 404 / 405
+//! 5. IP allow/deny lists (and, with issue 3, lockout) ........ 403 `ip_denied`
+//! 6. CORS .................................................... (issue 3: pass-through today)
+//! 7. API key authentication, scope, expiry ................... (issue 3: pass-through today)
+//! 8. rate limits ............................................. (issue 3: pass-through today)
+//! 9. body cap (Content-Length up front, then mid-stream), forward with the route timeout
+//!
+//! Per-request state lives in [`Ctx`] (client IP, request id, route, key id) rather than in
+//! request extensions: each step is a plain function of what earlier steps established, so the
+//! order is visible in [`process`] and cannot drift from a doc comment. Every exit, error or not,
+//! goes through [`finish`], which attaches the audit record to the response body so exactly one
+//! `request` record is written when the response ends (WebSocket: when the tunnel closes).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+
+use crate::audit::{Audit, RecordGuard, RequestRecord};
+use crate::client_ip;
+use crate::config::Config;
+use crate::config::runtime::{AuthMode, Route, normalize_host};
+use crate::error::GatewayError;
+use crate::path;
+use crate::proxy::body::{self, ResponseBody, Streamed};
+use crate::proxy::{Forwarder, headers, websocket};
+use crate::route::{self, Match};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// What every request handler shares: the live config, the upstream client, the audit log.
+pub struct Shared {
+    pub config: ArcSwap<Config>,
+    pub forwarder: Forwarder,
+    pub audit: Audit,
+    /// WebSocket tunnels outlive their connection's HTTP state; shutdown waits for them here.
+    pub tunnels: TaskTracker,
+}
+
+/// Facts about the client connection, fixed at accept.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+/// What the steps have established about one request.
+struct Ctx {
+    start: Instant,
+    request_id: HeaderValue,
+    client_ip: IpAddr,
+    route: Option<String>,
+    key_id: Option<String>,
+    upstream_ms: Option<f64>,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+    method: Method,
+    /// The path as received (never the query: it may hold secrets).
+    path: String,
+    user_agent: Option<String>,
+    /// Set once a WebSocket tunnel has taken over the audit record.
+    record_taken: bool,
+}
+
+/// The hyper service entry point. Never fails: every error becomes a SPEC response.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+    let cfg = shared.config.load_full();
+    let start = Instant::now();
+    // Step 3 before step 2: whether a client's X-Request-Id is kept depends on the peer.
+    let peer = client_ip::canonical(conn.peer.ip());
+    let peer_trusted = client_ip::is_trusted(peer, &cfg.server.trusted_proxies);
+    let client_ip = client_ip::resolve(peer, req.headers(), &cfg.server.trusted_proxies);
+    let request_id = request_id(&req, peer_trusted);
+    let mut ctx = Ctx {
+        start,
+        request_id,
+        client_ip,
+        route: None,
+        key_id: None,
+        upstream_ms: None,
+        bytes_in: Arc::new(AtomicU64::new(0)),
+        bytes_out: Arc::new(AtomicU64::new(0)),
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        user_agent: req
+            .headers()
+            .get(header::USER_AGENT)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        record_taken: false,
+    };
+
+    let (resp, outcome) = match process(&shared, &cfg, conn, &mut ctx, req).await {
+        Ok(resp) => (resp, "forwarded"),
+        Err(e) => (e.response(), e.code()),
+    };
+    Ok(finish(&shared, &ctx, conn, resp, outcome))
+}
+
+/// Steps 4–9 in SPEC order.
+async fn process(
+    shared: &Shared,
+    cfg: &Config,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    // Step 4: the request target, then the route.
+    let host = check_target(&req, cfg.server.max_header_bytes)?;
+    let path = path::normalize(req.uri().path()).map_err(|why| {
+        tracing::debug!(%why, "refused path");
+        GatewayError::BadRequest
+    })?;
+    if let Some(q) = req.uri().query()
+        && !path::query_is_acceptable(q)
+    {
+        return Err(GatewayError::BadRequest);
+    }
+    let route = match route::find(&cfg.routes, host.as_deref(), req.method(), &path) {
+        Match::Found(r) => r,
+        Match::MethodNotAllowed(r) => {
+            ctx.route = Some(r.name.clone());
+            return Err(GatewayError::MethodNotAllowed);
+        }
+        Match::NoRoute => return Err(GatewayError::NoRoute),
+    };
+    ctx.route = Some(route.name.clone());
+
+    // Step 5: IP allow/deny. Deny wins over allow.
+    check_ip_lists(route, ctx.client_ip)?;
+    // Steps 6–8 (CORS, API keys, rate limits) plug in here; see the module docs.
+
+    // Step 9: body cap up front, then forward.
+    if let Some(len) = content_length(&req)?
+        && len > route.max_body
+    {
+        return Err(GatewayError::PayloadTooLarge);
+    }
+    forward(shared, cfg, conn, ctx, route, &path, req).await
+}
+
+/// SPEC §3.1 and §3.4 "Targets": what must be refused before the path is even looked at.
+/// Returns the request's host (lower-case, no port) for route matching.
+fn check_target<B>(
+    req: &Request<B>,
+    max_header_bytes: usize,
+) -> Result<Option<String>, GatewayError> {
+    if req.method() == Method::CONNECT {
+        return Err(GatewayError::BadRequest);
+    }
+    // Request line + headers, as counted on the wire (hyper's own buffer cap is a little larger
+    // so that this check, with its JSON answer, is the one that normally fires).
+    let head: usize = req.method().as_str().len()
+        + req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().len())
+            .unwrap_or(1)
+        + 12
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge);
+    }
+    let hosts = req.headers().get_all(header::HOST);
+    let mut hosts = hosts.iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(GatewayError::BadRequest);
+    }
+    let host = if req.version() >= Version::HTTP_2 {
+        // HTTP/2: :authority, and a Host header (if any) must agree with it (RFC 9113 §8.3.1).
+        let authority = req.uri().authority().map(|a| a.as_str());
+        if let (Some(a), Some(h)) = (authority, host_header)
+            && !h.as_bytes().eq_ignore_ascii_case(a.as_bytes())
+        {
+            return Err(GatewayError::BadRequest);
+        }
+        authority
+            .map(str::to_owned)
+            .or_else(|| host_header.and_then(|h| h.to_str().ok()).map(str::to_owned))
+    } else {
+        // HTTP/1.x: origin-form only; absolute-form is what proxies (not gateways) accept, and a
+        // URI authority that differs from Host is a classic routing confusion.
+        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+            return Err(GatewayError::BadRequest);
+        }
+        match host_header {
+            Some(h) => Some(h.to_str().map_err(|_| GatewayError::BadRequest)?.to_owned()),
+            // RFC 9112 §3.2: a 1.1 request without Host is 400; 1.0 may omit it.
+            None if req.version() == Version::HTTP_11 => return Err(GatewayError::BadRequest),
+            None => None,
+        }
+    };
+    if let Some(h) = &host
+        && (h.is_empty()
+            || h.bytes()
+                .any(|b| b <= b' ' || b == b'/' || b == b'@' || b == 0x7f))
+    {
+        return Err(GatewayError::BadRequest);
+    }
+    Ok(host.map(|h| normalize_host(&h)))
+}
+
+fn check_ip_lists(route: &Route, ip: IpAddr) -> Result<(), GatewayError> {
+    if route.deny_ips.iter().any(|n| n.contains(&ip)) {
+        return Err(GatewayError::IpDenied);
+    }
+    if !route.allow_ips.is_empty() && !route.allow_ips.iter().any(|n| n.contains(&ip)) {
+        return Err(GatewayError::IpDenied);
+    }
+    Ok(())
+}
+
+fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, GatewayError> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Some)
+            .ok_or(GatewayError::BadRequest),
+    }
+}
+
+/// A client-supplied `X-Request-Id` is kept only from a trusted proxy, and only when it is
+/// 1–128 characters of `[A-Za-z0-9._-]`: anything else could forge or break log correlation.
+fn request_id<B>(req: &Request<B>, peer_trusted: bool) -> HeaderValue {
+    if peer_trusted
+        && let Some(v) = req.headers().get(&X_REQUEST_ID)
+        && (1..=128).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return v.clone();
+    }
+    let id = ulid::Ulid::new().to_string();
+    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+async fn forward(
+    shared: &Shared,
+    cfg: &Config,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+    route: &Route,
+    path: &str,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let (mut parts, incoming) = req.into_parts();
+    let is_ws = route.websocket
+        && parts.version == Version::HTTP_11
+        && headers::is_websocket_upgrade(&parts.headers);
+
+    // The URI the upstream receives: its own authority, the normalized path, the query as sent.
+    let mut target = route::upstream_path(route, path);
+    if let Some(q) = parts.uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let uri = Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(target)
+        .build()
+        .map_err(|_| GatewayError::BadRequest)?;
+
+    // Read what the gateway needs from the client's headers before they are cleaned.
+    let host_value = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let peer_ip = client_ip::canonical(conn.peer.ip());
+    let prior_xff = if client_ip::is_trusted(peer_ip, &cfg.server.trusted_proxies) {
+        join_header(&parts.headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+
+    let h = &mut parts.headers;
+    headers::clean_request(h);
+    // Expect: 100-continue is answered by our server side; the upstream gets the body directly.
+    h.remove(header::EXPECT);
+    if route.auth == AuthMode::Key {
+        // The client's key is the gateway's business; the upstream never sees it.
+        for name in &cfg.auth.headers {
+            h.remove(name);
+        }
+    }
+    if let Some(v) = host_value {
+        h.insert(header::HOST, v.clone());
+        h.insert(&X_FORWARDED_HOST, v);
+    }
+    let xff = match prior_xff {
+        Some(prev) => format!("{prev}, {peer_ip}"),
+        None => peer_ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(&ctx.client_ip.to_string()) {
+        h.insert(&X_REAL_IP, v);
+    }
+    h.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    for uh in &route.upstream_headers {
+        h.insert(uh.name.clone(), uh.value.clone());
+    }
+    if is_ws {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let idle = cfg.server.stream_idle_timeout;
+
+    if is_ws {
+        let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+        let mut up_req = Request::from_parts(parts, body::empty());
+        up_req.headers_mut().remove(header::CONTENT_LENGTH);
+        let sent = Instant::now();
+        let mut resp =
+            websocket::handshake(&route.upstream.authority, up_req, route.timeout).await?;
+        ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
+        if websocket::accepted(&resp)
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let guard = record_guard(shared, ctx, 101, "forwarded");
+            ctx.record_taken = true;
+            let (bin, bout) = (ctx.bytes_in.clone(), ctx.bytes_out.clone());
+            shared.tunnels.spawn(async move {
+                websocket::tunnel(client_upgrade, upstream_upgrade, idle, bin, bout).await;
+                drop(guard);
+            });
+            let (mut parts, _) = resp.into_parts();
+            let keep: Vec<(HeaderName, HeaderValue)> = parts
+                .headers
+                .iter()
+                .filter(|(n, _)| n.as_str().starts_with("sec-websocket-"))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            for (n, v) in keep {
+                parts.headers.insert(n, v);
+            }
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            return Ok(Response::from_parts(parts, body::empty()));
+        }
+        return Ok(upstream_response(resp));
+    }
+
+    let body = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None);
+    let up_req = Request::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
+    let sent = Instant::now();
+    let resp = shared.forwarder.send(up_req, route.timeout).await?;
+    ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
+    Ok(upstream_response(resp))
+}
+
+/// The upstream's answer with its hop-by-hop headers removed. `finish` wraps the body.
+fn upstream_response(resp: Response<Incoming>) -> Response<ResponseBody> {
+    use http_body_util::BodyExt;
+    let (mut parts, incoming) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, incoming.map_err(Into::into).boxed_unsync())
+}
+
+fn join_header(h: &http::HeaderMap, name: &HeaderName) -> Option<String> {
+    let vals: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.join(", "))
+}
+
+fn record_guard(shared: &Shared, ctx: &Ctx, status: u16, outcome: &'static str) -> RecordGuard {
+    RecordGuard {
+        audit: shared.audit.clone(),
+        record: RequestRecord {
+            ts: String::new(),
+            event: "request",
+            request_id: ctx.request_id.to_str().unwrap_or("").to_owned(),
+            client_ip: ctx.client_ip,
+            method: ctx.method.to_string(),
+            path: ctx.path.clone(),
+            route: ctx.route.clone(),
+            key_id: ctx.key_id.clone(),
+            status,
+            outcome,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_ms: 0.0,
+            upstream_ms: ctx.upstream_ms,
+            user_agent: ctx.user_agent.clone(),
+        },
+        start: ctx.start,
+        bytes_in: ctx.bytes_in.clone(),
+        bytes_out: ctx.bytes_out.clone(),
+    }
+}
+
+/// Adds the response headers every answer carries and ties the audit record to the body's end.
+fn finish(
+    shared: &Shared,
+    ctx: &Ctx,
+    conn: ConnInfo,
+    resp: Response<ResponseBody>,
+    outcome: &'static str,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    headers::add_security_headers(&mut parts.headers, conn.tls);
+    parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    if ctx.record_taken {
+        return Response::from_parts(parts, body);
+    }
+    let guard = record_guard(shared, ctx, parts.status.as_u16(), outcome);
+    let idle = shared.config.load().server.stream_idle_timeout;
+    let body = Streamed::new(
+        body,
+        idle,
+        ctx.bytes_out.clone(),
+        u64::MAX,
+        Some(Box::new(guard)),
+    );
+    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+}

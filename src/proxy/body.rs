@@ -1,0 +1,166 @@
+//! Body types and the one wrapper every streamed body passes through.
+//!
+//! [`Streamed`] counts bytes, cuts a body that is silent for longer than its idle timeout
+//! (`stream_idle_timeout`: an SSE stream or an upload that stalls must not pin a connection
+//! forever), enforces a byte cap mid-stream (a chunked upload has no Content-Length to check up
+//! front), and drops a guard when the body ends or is dropped, which is when the request's audit
+//! record is complete. Nothing is buffered: each frame is passed on as it arrives.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(b: Bytes) -> ResponseBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> ResponseBody {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Why the gateway cut a body. Found again in an error's source chain to pick the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// No frame for `stream_idle_timeout` (or the body read timeout).
+    Idle,
+    /// The body crossed its byte cap.
+    TooLarge,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyError::Idle => "body idle timeout",
+            BodyError::TooLarge => "body over its size cap",
+        })
+    }
+}
+
+impl StdError for BodyError {}
+
+/// Looks for a [`BodyError`] in `err`'s source chain.
+pub fn find_body_error(err: &(dyn StdError + 'static)) -> Option<BodyError> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(b) = e.downcast_ref::<BodyError>() {
+            return Some(*b);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+pin_project_lite::pin_project! {
+    pub struct Streamed<B> {
+        #[pin]
+        inner: B,
+        idle: Duration,
+        sleep: Option<Pin<Box<Sleep>>>,
+        bytes: Arc<AtomicU64>,
+        limit: u64,
+        guard: Option<Box<dyn Send>>,
+        done: bool,
+    }
+}
+
+impl<B> Streamed<B> {
+    /// `limit` is the byte cap (`u64::MAX` for none); `guard` is dropped when the body ends.
+    pub fn new(
+        inner: B,
+        idle: Duration,
+        bytes: Arc<AtomicU64>,
+        limit: u64,
+        guard: Option<Box<dyn Send>>,
+    ) -> Self {
+        Streamed {
+            inner,
+            idle,
+            sleep: None,
+            bytes,
+            limit,
+            guard,
+            done: false,
+        }
+    }
+}
+
+impl<B> Body for Streamed<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let total = this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
+                        + data.len() as u64;
+                    if total > *this.limit {
+                        *this.done = true;
+                        this.guard.take();
+                        return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge))));
+                    }
+                }
+                if let Some(s) = this.sleep.as_mut() {
+                    s.as_mut().reset(Instant::now() + *this.idle);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                *this.done = true;
+                this.guard.take();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                *this.done = true;
+                this.guard.take();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let idle = *this.idle;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    *this.done = true;
+                    this.guard.take();
+                    return Poll::Ready(Some(Err(Box::new(BodyError::Idle))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;

@@ -1,0 +1,70 @@
+//! Forwarding to upstreams: a pooled HTTP/1.1 client, and WebSocket tunnels.
+//!
+//! Bodies are re-framed by this client (SPEC §3.4 "Framing"): the upstream never sees the
+//! client's Transfer-Encoding or chunk boundaries, only what hyper writes for the body we pass.
+
+pub mod body;
+pub mod headers;
+pub mod websocket;
+
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use self::body::{BodyError, ResponseBody, find_body_error};
+use crate::error::GatewayError;
+
+pub struct Forwarder {
+    client: Client<HttpConnector, ResponseBody>,
+}
+
+impl Default for Forwarder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Forwarder {
+    pub fn new() -> Forwarder {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(128)
+            .build(http);
+        Forwarder { client }
+    }
+
+    /// Sends `req` and waits for the response head for at most `timeout`.
+    pub async fn send(
+        &self,
+        req: Request<ResponseBody>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Err(_) => Err(GatewayError::UpstreamTimeout),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "upstream request failed");
+                Err(classify(&e))
+            }
+        }
+    }
+}
+
+/// A failed exchange is the client's fault when our own body wrapper cut the request body.
+pub fn classify(e: &(dyn std::error::Error + 'static)) -> GatewayError {
+    match find_body_error(e) {
+        Some(BodyError::Idle) => GatewayError::RequestTimeout,
+        Some(BodyError::TooLarge) => GatewayError::PayloadTooLarge,
+        None => GatewayError::UpstreamUnavailable,
+    }
+}

@@ -1,0 +1,165 @@
+//! WebSocket pass-through (SPEC §3.2, §3.4 "Upgrades").
+//!
+//! The handshake goes to the upstream on a connection of its own, never a pooled one: if the
+//! upstream answers anything but 101, that answer goes to the client and the connection is
+//! closed after it, so a half-upgraded connection can never be reused for another client's
+//! request (the upgrade-smuggling attacks on reverse proxies). The tunnel opens only after the
+//! upstream's 101; bytes then flow both ways until either side closes or the tunnel is silent for
+//! `stream_idle_timeout`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::ResponseBody;
+use crate::error::GatewayError;
+
+/// Sends the handshake on a fresh connection and returns the upstream's answer.
+pub async fn handshake(
+    authority: &Authority,
+    req: Request<ResponseBody>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, GatewayError> {
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.map_err(|e| {
+            tracing::debug!(error = %e, "websocket upstream connect failed");
+            GatewayError::UpstreamUnavailable
+        })?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, ResponseBody>(TokioIo::new(stream))
+                .await
+                .map_err(|_| GatewayError::UpstreamUnavailable)?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.send_request(req).await.map_err(|e| {
+            tracing::debug!(error = %e, "websocket upstream handshake failed");
+            GatewayError::UpstreamUnavailable
+        })
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| GatewayError::UpstreamTimeout)?
+}
+
+/// Runs the tunnel once both sides have switched protocols. Returns when either side closes, an
+/// error occurs, or nothing moved for `idle`.
+pub async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    idle: Duration,
+    bytes_in: Arc<AtomicU64>,
+    bytes_out: Arc<AtomicU64>,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        _ => return,
+    };
+    let epoch = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut c = Metered {
+        io: TokioIo::new(client),
+        read_bytes: bytes_in,
+        last: last.clone(),
+        epoch,
+    };
+    let mut u = Metered {
+        io: TokioIo::new(upstream),
+        read_bytes: bytes_out,
+        last: last.clone(),
+        epoch,
+    };
+    let watchdog = async {
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = epoch + since + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "websocket tunnel ended with an error");
+            }
+        }
+        _ = watchdog => tracing::debug!("websocket tunnel idle; closed"),
+    }
+}
+
+/// True when the upstream accepted the upgrade.
+pub fn accepted(resp: &Response<Incoming>) -> bool {
+    resp.status() == StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// An upgraded connection that counts what is read from it and stamps activity.
+struct Metered<T> {
+    io: T,
+    read_bytes: Arc<AtomicU64>,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T> Metered<T> {
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
