@@ -386,6 +386,7 @@ async fn forward(
         return Ok(upstream_response(resp));
     }
 
+    let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
     let body = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None);
     let up_req = Request::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
     let sent = Instant::now();

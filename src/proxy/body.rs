@@ -51,12 +51,39 @@ impl fmt::Display for BodyError {
 
 impl StdError for BodyError {}
 
-/// Looks for a [`BodyError`] in `err`'s source chain.
-pub fn find_body_error(err: &(dyn StdError + 'static)) -> Option<BodyError> {
+/// The client's request body failed to read (malformed chunk, connection cut): the request is
+/// the client's fault, not the upstream's.
+#[derive(Debug)]
+pub struct ClientBodyError(pub hyper::Error);
+
+impl fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client body: {}", self.0)
+    }
+}
+
+impl StdError for ClientBodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// What in an error's source chain says whose fault a failed exchange was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Cut(BodyError),
+    ClientBody,
+}
+
+/// Looks for a [`BodyError`] or [`ClientBodyError`] in `err`'s source chain.
+pub fn find_body_error(err: &(dyn StdError + 'static)) -> Option<Cause> {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(b) = e.downcast_ref::<BodyError>() {
-            return Some(*b);
+            return Some(Cause::Cut(*b));
+        }
+        if e.is::<ClientBodyError>() {
+            return Some(Cause::ClientBody);
         }
         cur = e.source();
     }

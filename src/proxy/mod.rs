@@ -15,7 +15,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use self::body::{BodyError, ResponseBody, find_body_error};
+use self::body::{BodyError, Cause, ResponseBody, find_body_error};
 use crate::error::GatewayError;
 
 pub struct Forwarder {
@@ -60,11 +60,13 @@ impl Forwarder {
     }
 }
 
-/// A failed exchange is the client's fault when our own body wrapper cut the request body.
+/// A failed exchange is the client's fault when its body could not be read or was cut by us.
 pub fn classify(e: &(dyn std::error::Error + 'static)) -> GatewayError {
     match find_body_error(e) {
-        Some(BodyError::Idle) => GatewayError::RequestTimeout,
-        Some(BodyError::TooLarge) => GatewayError::PayloadTooLarge,
+        Some(Cause::Cut(BodyError::Idle)) => GatewayError::RequestTimeout,
+        Some(Cause::Cut(BodyError::TooLarge)) => GatewayError::PayloadTooLarge,
+        // SPEC §3.4: a malformed chunk is 400, and the connection is closed.
+        Some(Cause::ClientBody) => GatewayError::BadRequest,
         None => GatewayError::UpstreamUnavailable,
     }
 }

@@ -1,0 +1,188 @@
+//! Failure handling: upstream down (502), slow (504), reset mid-stream, slowloris, huge heads.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(upstream_url: &str, extra_route: &str) -> String {
+    format!(
+        "{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{upstream_url}\"\nauth = \"none\"\n{extra_route}",
+        server_section("")
+    )
+}
+
+#[tokio::test]
+async fn upstream_down_gets_502_without_revealing_its_address() {
+    let dead = dead_addr().await;
+    let gw = Gateway::start(&config(&format!("http://{dead}"), "")).await;
+    let resp = client().get(gw.url("/v1/models")).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let body = resp.text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    assert_eq!(v["error"]["type"], "gateway_error");
+    assert!(
+        !body.contains("127.0.0.1") && !body.contains(&dead.port().to_string()),
+        "{body}"
+    );
+    let rec = &gw.wait_requests(1).await[0];
+    assert_eq!(rec["outcome"], "upstream_unavailable");
+    assert_eq!(rec["status"], 502);
+}
+
+#[tokio::test]
+async fn slow_upstream_gets_504_at_the_route_timeout() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "timeout = \"500ms\"\n")).await;
+    let t = Instant::now();
+    let resp = client().get(gw.url("/slow?ms=5000")).send().await.unwrap();
+    let took = t.elapsed();
+    assert_eq!(resp.status(), 504);
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upstream_timeout");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(4),
+        "took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_stream_ends_the_client_stream() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let resp = client().get(gw.url("/reset")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = Vec::new();
+    let mut stream = resp.bytes_stream();
+    let mut errored = false;
+    while let Some(chunk) = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut stream))
+        .await
+        .unwrap()
+    {
+        match chunk {
+            Ok(b) => got.extend_from_slice(&b),
+            Err(_) => {
+                errored = true;
+                break;
+            }
+        }
+    }
+    assert_eq!(got, b"data: first\n\n");
+    assert!(
+        errored,
+        "the client must see the stream break, not a clean end"
+    );
+}
+
+#[tokio::test]
+async fn slowloris_connection_is_closed_at_header_timeout() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await; // header_timeout = 2s
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let start = Instant::now();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: gw.test\r\n")
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // The attacker: one header byte a second, forever.
+    let dribble = tokio::spawn(async move {
+        for b in b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            .iter()
+            .cycle()
+        {
+            if wr.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(8), rd.read_to_end(&mut buf)).await;
+    let took = start.elapsed();
+    dribble.abort();
+    assert!(
+        closed.is_ok(),
+        "connection still open after 8s of dribbling"
+    );
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+    assert!(up.targets().is_empty());
+}
+
+#[tokio::test]
+async fn http2_connection_without_a_request_is_closed_at_header_timeout() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let start = Instant::now();
+    // The HTTP/2 preface and an empty SETTINGS frame, then silence.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut buf)).await;
+    let took = start.elapsed();
+    assert!(closed.is_ok(), "idle h2 connection still open after 8s");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn headers_over_max_header_bytes_get_431() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await; // max_header_bytes = 32KiB
+    let big = "a".repeat(33 * 1024);
+    let req =
+        format!("GET / HTTP/1.1\r\nHost: gw.test\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    let resp = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(status_of(&resp), 431, "{}", &resp[..resp.len().min(300)]);
+    assert!(resp.contains("\"code\":\"headers_too_large\""), "{resp}");
+    // Just under the cap passes.
+    let ok = "a".repeat(30 * 1024);
+    let req =
+        format!("GET / HTTP/1.1\r\nHost: gw.test\r\nX-Big: {ok}\r\nConnection: close\r\n\r\n");
+    assert_eq!(status_of(&raw(gw.addr, req.as_bytes()).await), 200);
+    assert_eq!(up.targets().len(), 1);
+}
+
+#[tokio::test]
+async fn conflicting_framing_and_missing_host_are_refused() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let cases: &[&[u8]] = &[
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    ];
+    for c in cases {
+        let resp = raw(gw.addr, c).await;
+        assert_eq!(
+            status_of(&resp),
+            400,
+            "{}: {resp}",
+            String::from_utf8_lossy(c)
+        );
+    }
+    assert!(up.targets().is_empty(), "{:?}", up.targets());
+
+    // A malformed chunk is only seen once the body streams, after the head went upstream (as
+    // with any streaming proxy); the client still gets 400 and the connection is closed.
+    let resp = raw(
+        gw.addr,
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+}
