@@ -5,13 +5,17 @@
 //! described, step by step, in [`pipeline`].
 
 pub mod audit;
+pub mod auth;
 pub mod client_ip;
 pub mod config;
+pub mod cors;
 pub mod error;
 pub mod keys;
+pub mod live;
 pub mod path;
 pub mod pipeline;
 pub mod proxy;
+pub mod rate_limit;
 pub mod route;
 pub mod server;
 pub mod tls;
@@ -77,10 +81,13 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
     let grace = cfg.server.shutdown_grace;
+    let limiters = rate_limit::Registry::new(cfg.limits.max_tracked_clients);
     let serve = Arc::new(server::Serve {
         semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
         shared: Arc::new(Shared {
-            config: ArcSwap::from_pointee(cfg),
+            lockout: auth::Lockout::new(cfg.limits.max_tracked_clients),
+            live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
+            limiters,
             forwarder: proxy::Forwarder::new(),
             audit: audit.clone(),
             tunnels: TaskTracker::new(),
@@ -101,7 +108,8 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     }
 
     {
-        let cfg = serve.shared.config.load();
+        let live = serve.shared.live.load();
+        let cfg = &live.config;
         audit.emit(&audit::Startup {
             ts: audit::now_rfc3339(),
             event: "startup",
@@ -177,8 +185,8 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         reason: Option<&'a str>,
     }
     let result = load_checked(path, env).and_then(|(cfg, tls)| {
-        let old = serve.shared.config.load();
-        if cfg.server.listen != old.server.listen {
+        let old = serve.shared.live.load();
+        if cfg.server.listen != old.config.server.listen {
             tracing::warn!("server.listen changed: takes effect at the next restart");
         }
         match (&serve.tls, tls) {
@@ -190,7 +198,11 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
                 ));
             }
         }
-        serve.shared.config.store(Arc::new(cfg));
+        serve.shared.lockout.resize(cfg.limits.max_tracked_clients);
+        serve
+            .shared
+            .live
+            .store(Arc::new(live::Live::build(cfg, &serve.shared.limiters)));
         Ok(())
     });
     let (res, reason) = match &result {

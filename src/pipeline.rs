@@ -6,10 +6,10 @@
 //! 2. request id: kept from a trusted proxy if well-formed, else a new ULID
 //! 3. client IP: peer, or right-most untrusted `X-Forwarded-For` hop via a trusted proxy
 //! 4. request-target checks, path normalization, route match .. 400 / 404 / 405
-//! 5. IP allow/deny lists (and, with issue 3, lockout) ........ 403 `ip_denied`
-//! 6. CORS .................................................... (issue 3: pass-through today)
-//! 7. API key authentication, scope, expiry ................... (issue 3: pass-through today)
-//! 8. rate limits ............................................. (issue 3: pass-through today)
+//! 5. IP allow/deny lists, then lockout ....................... 403 `ip_denied`, 429 `locked_out`
+//! 6. CORS: preflights answered here; foreign Origin refused .. 204, 403 `origin_not_allowed`
+//! 7. API key, then scope and expiry (`auth = "key"` routes) .. 401, 403 `key_not_allowed`
+//! 8. rate limits: per-IP for the route, then per-key ......... 429 `rate_limited`
 //! 9. body cap (Content-Length up front, then mid-stream), forward with the route timeout
 //!
 //! Per-request state lives in [`Ctx`] (client IP, request id, route, key id) rather than in
@@ -30,13 +30,17 @@ use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
 use crate::audit::{Audit, RecordGuard, RequestRecord};
+use crate::auth::{self, Lockout};
 use crate::client_ip;
 use crate::config::Config;
 use crate::config::runtime::{AuthMode, Route, normalize_host};
+use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
+use crate::live::Live;
 use crate::path;
 use crate::proxy::body::{self, ResponseBody, Streamed};
 use crate::proxy::{Forwarder, headers, websocket};
+use crate::rate_limit::{Allowed, Registry, Subject};
 use crate::route::{self, Match};
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -47,7 +51,10 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// What every request handler shares: the live config, the upstream client, the audit log.
 pub struct Shared {
-    pub config: ArcSwap<Config>,
+    pub live: ArcSwap<Live>,
+    /// Rate-limit and lockout state outlive any one config (SPEC §6: kept across reloads).
+    pub limiters: Registry,
+    pub lockout: Lockout,
     pub forwarder: Forwarder,
     pub audit: Audit,
     /// WebSocket tunnels outlive their connection's HTTP state; shutdown waits for them here.
@@ -77,6 +84,10 @@ struct Ctx {
     user_agent: Option<String>,
     /// Set once a WebSocket tunnel has taken over the audit record.
     record_taken: bool,
+    /// The tightest rate limit that applied, for the `RateLimit` response headers.
+    rate: Option<(Allowed, std::time::Duration)>,
+    /// An allowed cross-origin request: the Origin to echo.
+    cors_origin: Option<HeaderValue>,
 }
 
 /// The hyper service entry point. Never fails: every error becomes a SPEC response.
@@ -85,7 +96,8 @@ pub async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
-    let cfg = shared.config.load_full();
+    let live = shared.live.load_full();
+    let cfg = &live.config;
     let start = Instant::now();
     // Step 3 before step 2: whether a client's X-Request-Id is kept depends on the peer.
     let peer = client_ip::canonical(conn.peer.ip());
@@ -108,24 +120,28 @@ pub async fn handle(
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
         record_taken: false,
+        rate: None,
+        cors_origin: None,
     };
 
-    let (resp, outcome) = match process(&shared, &cfg, conn, &mut ctx, req).await {
+    let (resp, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
         Ok(resp) => (resp, "forwarded"),
         Err(e) => (e.response(), e.code()),
     };
-    Ok(finish(&shared, &ctx, conn, resp, outcome))
+    Ok(finish(&shared, &live, &ctx, conn, resp, outcome))
 }
 
 /// Steps 4–9 in SPEC order.
 async fn process(
     shared: &Shared,
-    cfg: &Config,
+    live: &Live,
     conn: ConnInfo,
     ctx: &mut Ctx,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    // Step 4: the request target, then the route.
+    let cfg = &live.config;
+    // Step 4: the request target, then the route. A preflight is routed by the method it asks
+    // about, so a POST-only route still gets its preflight answered.
     let host = check_target(&req, cfg.server.max_header_bytes)?;
     let path = path::normalize(req.uri().path()).map_err(|why| {
         tracing::debug!(%why, "refused path");
@@ -136,7 +152,16 @@ async fn process(
     {
         return Err(GatewayError::BadRequest);
     }
-    let route = match route::find(&cfg.routes, host.as_deref(), req.method(), &path) {
+    let preflight = cors::is_preflight(req.method(), req.headers());
+    let routed_method = if preflight {
+        req.headers()
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .ok_or(GatewayError::BadRequest)?
+    } else {
+        req.method().clone()
+    };
+    let route = match route::find(&cfg.routes, host.as_deref(), &routed_method, &path) {
         Match::Found(r) => r,
         Match::MethodNotAllowed(r) => {
             ctx.route = Some(r.name.clone());
@@ -146,9 +171,71 @@ async fn process(
     };
     ctx.route = Some(route.name.clone());
 
-    // Step 5: IP allow/deny. Deny wins over allow.
+    // Step 5: IP allow/deny (deny wins), then lockout.
     check_ip_lists(route, ctx.client_ip)?;
-    // Steps 6–8 (CORS, API keys, rate limits) plug in here; see the module docs.
+    let who = client_ip::limit_key(ctx.client_ip);
+    shared
+        .lockout
+        .check(who, Instant::now())
+        .map_err(|left| GatewayError::LockedOut { retry_after: left })?;
+
+    // Step 6: CORS. Checked against the Host the browser used, so same-origin always passes.
+    let raw_host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+    match cors::check(
+        cfg.cors.as_ref(),
+        req.headers(),
+        conn.tls,
+        raw_host.as_deref(),
+    ) {
+        Verdict::Refused => return Err(GatewayError::OriginNotAllowed),
+        Verdict::Allowed(origin) if preflight => {
+            return Ok(cors::preflight(cfg.cors.as_ref(), origin));
+        }
+        Verdict::NotCors if preflight => {
+            return Ok(cors::preflight(None, HeaderValue::from_static("null")));
+        }
+        Verdict::Allowed(origin) => ctx.cors_origin = Some(origin),
+        Verdict::NotCors => {}
+    }
+
+    // Step 7: the API key, on routes that ask for one.
+    let mut key_index = None;
+    if route.auth == AuthMode::Key {
+        let presented = auth::extract(req.headers(), req.uri().query(), &cfg.auth);
+        match live.keys.check(
+            &cfg.keys,
+            presented,
+            &route.name,
+            std::time::SystemTime::now(),
+        ) {
+            Ok(a) => {
+                ctx.key_id = Some(cfg.keys[a.index].id.clone());
+                key_index = Some(a.index);
+            }
+            Err((err, known, counts)) => {
+                ctx.key_id = known.map(|i| cfg.keys[i].id.clone());
+                if counts && let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
+                    emit_lockout(shared, ctx.client_ip, lock);
+                }
+                return Err(err);
+            }
+        }
+    }
+
+    // Step 8: per-IP for the route, then per-key.
+    if let Some(l) = &live.route_ip[route.index] {
+        limit(ctx, l, &Subject::Ip(who))?;
+    }
+    if let Some(k) = key_index
+        && let Some(l) = live.per_key_limiter(k, route.index)
+    {
+        limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))?;
+    }
 
     // Step 9: body cap up front, then forward.
     if let Some(len) = content_length(&req)?
@@ -157,6 +244,50 @@ async fn process(
         return Err(GatewayError::PayloadTooLarge);
     }
     forward(shared, cfg, conn, ctx, route, &path, req).await
+}
+
+/// Applies one limiter; remembers the tightest one for the `RateLimit` headers.
+fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result<(), GatewayError> {
+    match l.check(who) {
+        Ok(a) => {
+            // Time until the bucket is full again: one emission interval per used cell.
+            let reset = l.window() / l.limit() * (a.limit - a.remaining);
+            if ctx
+                .rate
+                .is_none_or(|(prev, _)| a.remaining < prev.remaining)
+            {
+                ctx.rate = Some((a, reset));
+            }
+            Ok(())
+        }
+        Err(wait) => {
+            let a = Allowed {
+                limit: l.limit(),
+                remaining: 0,
+                window: l.window(),
+            };
+            ctx.rate = Some((a, wait));
+            Err(GatewayError::RateLimited { retry_after: wait })
+        }
+    }
+}
+
+fn emit_lockout(shared: &Shared, ip: IpAddr, lock: auth::LockedOut) {
+    #[derive(serde::Serialize)]
+    struct Lockout {
+        ts: String,
+        event: &'static str,
+        client_ip: IpAddr,
+        failures: u32,
+        until: String,
+    }
+    shared.audit.emit(&Lockout {
+        ts: crate::audit::now_rfc3339(),
+        event: "lockout",
+        client_ip: ip,
+        failures: lock.failures,
+        until: humantime::format_rfc3339_seconds(lock.until).to_string(),
+    });
 }
 
 /// SPEC §3.1 and §3.4 "Targets": what must be refused before the path is even looked at.
@@ -279,9 +410,13 @@ async fn forward(
 
     // The URI the upstream receives: its own authority, the normalized path, the query as sent.
     let mut target = route::upstream_path(route, path);
-    if let Some(q) = parts.uri.query() {
+    let query = match (parts.uri.query(), &cfg.auth.query_param) {
+        (Some(q), Some(p)) => auth::strip_query_param(q, p),
+        (q, _) => q.map(str::to_owned),
+    };
+    if let Some(q) = query {
         target.push('?');
-        target.push_str(q);
+        target.push_str(&q);
     }
     let uri = Uri::builder()
         .scheme(route.upstream.scheme.clone())
@@ -306,6 +441,10 @@ async fn forward(
 
     let h = &mut parts.headers;
     headers::clean_request(h);
+    if parts.version >= Version::HTTP_2 {
+        // RFC 9113 §8.2.3: split cookie fields are joined with "; " for HTTP/1.1.
+        headers::join_cookies(h);
+    }
     // Expect: 100-continue is answered by our server side; the upstream gets the body directly.
     h.remove(header::EXPECT);
     if route.auth == AuthMode::Key {
@@ -346,6 +485,10 @@ async fn forward(
     let idle = cfg.server.stream_idle_timeout;
 
     if is_ws {
+        // hyper's low-level client writes the URI as given: origin-form for the upstream.
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            parts.uri = Uri::from(pq);
+        }
         let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
         let mut up_req = Request::from_parts(parts, body::empty());
         up_req.headers_mut().remove(header::CONTENT_LENGTH);
@@ -441,6 +584,7 @@ fn record_guard(shared: &Shared, ctx: &Ctx, status: u16, outcome: &'static str) 
 /// Adds the response headers every answer carries and ties the audit record to the body's end.
 fn finish(
     shared: &Shared,
+    live: &Live,
     ctx: &Ctx,
     conn: ConnInfo,
     resp: Response<ResponseBody>,
@@ -449,11 +593,39 @@ fn finish(
     let (mut parts, body) = resp.into_parts();
     headers::add_security_headers(&mut parts.headers, conn.tls);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
+    if let Some((a, reset)) = ctx.rate {
+        // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it.
+        let policy = format!("{};w={}", a.limit, a.window.as_secs());
+        let state = format!(
+            "limit={}, remaining={}, reset={}",
+            a.limit,
+            a.remaining,
+            crate::error::retry_after_secs(reset)
+        );
+        if let (Ok(p), Ok(s)) = (
+            HeaderValue::from_str(&policy),
+            HeaderValue::from_str(&state),
+        ) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("ratelimit-policy"), p);
+            parts
+                .headers
+                .insert(HeaderName::from_static("ratelimit"), s);
+        }
+    }
+    if let Some(origin) = &ctx.cors_origin {
+        cors::decorate(
+            &mut parts.headers,
+            live.config.cors.as_ref(),
+            origin.clone(),
+        );
+    }
     if ctx.record_taken {
         return Response::from_parts(parts, body);
     }
     let guard = record_guard(shared, ctx, parts.status.as_u16(), outcome);
-    let idle = shared.config.load().server.stream_idle_timeout;
+    let idle = live.config.server.stream_idle_timeout;
     let body = Streamed::new(
         body,
         idle,

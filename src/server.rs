@@ -121,10 +121,12 @@ pub async fn accept_loop(
 }
 
 async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
-    let cfg = serve.shared.config.load_full();
-    let header_timeout = cfg.server.header_timeout;
+    let live = serve.shared.live.load_full();
+    let cfg = &live.config;
+    // One clock from accept: the TLS handshake and the first request head share header_timeout.
+    let first_head_deadline = tokio::time::Instant::now() + cfg.server.header_timeout;
     let builder = builder(&cfg.server);
-    drop(cfg);
+    drop(live);
     match &serve.tls {
         None => {
             serve_io(
@@ -134,13 +136,13 @@ async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, watc
                 false,
                 builder,
                 watcher,
-                header_timeout,
+                first_head_deadline,
             )
             .await
         }
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+            match tokio::time::timeout_at(first_head_deadline, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => {
                     serve_io(
                         serve.clone(),
@@ -149,7 +151,7 @@ async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, watc
                         true,
                         builder,
                         watcher,
-                        header_timeout,
+                        first_head_deadline,
                     )
                     .await
                 }
@@ -167,7 +169,7 @@ async fn serve_io<I>(
     tls: bool,
     builder: auto::Builder<TokioExecutor>,
     watcher: Watcher,
-    header_timeout: Duration,
+    first_head_deadline: tokio::time::Instant,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -183,7 +185,7 @@ async fn serve_io<I>(
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let conn = watcher.watch(conn.into_owned());
     tokio::pin!(conn);
-    let first_head = tokio::time::sleep(header_timeout);
+    let first_head = tokio::time::sleep_until(first_head_deadline);
     tokio::pin!(first_head);
     loop {
         tokio::select! {

@@ -10,9 +10,16 @@ const CLIENT_KEY: &str = "pcx_client-key-should-stay-at-the-gateway";
 
 fn config(up: &Upstream, trusted: &str) -> String {
     format!(
-        "{}[[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\n[routes.upstream_headers]\nauthorization = \"Bearer ${{UP_SECRET}}\"\nx-extra = \"set-by-gateway\"\n",
+        "{}[[keys]]\nid = \"phone\"\nhash = \"{}\"\n[[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\n[routes.upstream_headers]\nauthorization = \"Bearer ${{UP_SECRET}}\"\nx-extra = \"set-by-gateway\"\n",
         server_section(&format!("trusted_proxies = [{trusted}]")),
+        portcullis::keys::hash_string(CLIENT_KEY),
         up.url()
+    )
+}
+
+fn get(target: &str, extra: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {CLIENT_KEY}\r\n{extra}Connection: close\r\n\r\n"
     )
 }
 
@@ -61,6 +68,7 @@ async fn client_key_is_replaced_by_the_upstream_secret_and_gateway_headers_canno
     assert_eq!(rec["path"], "/v1/models");
     assert_eq!(rec["outcome"], "forwarded");
     assert_eq!(rec["route"], "bridge");
+    assert_eq!(rec["key_id"], "phone");
     assert_eq!(rec["status"], 200);
 
     // Nothing secret in anything the gateway printed.
@@ -77,7 +85,10 @@ async fn client_key_is_replaced_by_the_upstream_secret_and_gateway_headers_canno
 async fn trusted_proxy_forwarded_for_is_honoured_and_appended() {
     let up = upstream().await;
     let gw = Gateway::start_with_env(&config(&up, "\"127.0.0.1/32\""), &[("UP_SECRET", "x")]).await;
-    let req = "GET /v1/x HTTP/1.1\r\nHost: gw.test\r\nX-Forwarded-For: 203.0.113.7\r\nX-Request-Id: proxy-id.42\r\nConnection: close\r\n\r\n";
+    let req = get(
+        "/v1/x",
+        "X-Forwarded-For: 203.0.113.7\r\nX-Request-Id: proxy-id.42\r\n",
+    );
     let resp = raw(gw.addr, req.as_bytes()).await;
     assert_eq!(status_of(&resp), 200, "{resp}");
     let seen = &up.seen()[0];
@@ -96,8 +107,7 @@ async fn trusted_proxy_forwarded_for_is_honoured_and_appended() {
 async fn request_id_from_an_untrusted_client_is_replaced() {
     let up = upstream().await;
     let gw = Gateway::start_with_env(&config(&up, ""), &[("UP_SECRET", "x")]).await;
-    let req =
-        "GET /v1/x HTTP/1.1\r\nHost: gw.test\r\nX-Request-Id: forged\r\nConnection: close\r\n\r\n";
+    let req = get("/v1/x", "X-Request-Id: forged\r\n");
     let resp = raw(gw.addr, req.as_bytes()).await;
     assert_eq!(status_of(&resp), 200, "{resp}");
     let id = up.seen()[0].header("x-request-id").unwrap().to_owned();

@@ -155,6 +155,8 @@ impl fmt::Debug for UpstreamHeader {
 
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Position in `Config::routes`, for per-route state indexed alongside.
+    pub index: usize,
     pub name: String,
     /// The configured prefix without a trailing `/` (`""` for the root route).
     pub prefix: String,
@@ -640,6 +642,7 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         return Err(invalid(p("timeout"), "must be greater than 0"));
     }
     Ok(Route {
+        index: i,
         name: name.to_owned(),
         prefix: r.path.trim_end_matches('/').to_owned(),
         host: (!host.is_empty()).then(|| host_only(host)),

@@ -63,6 +63,23 @@ pub fn clean_request(headers: &mut HeaderMap) {
     }
 }
 
+/// Joins several `Cookie` fields into one (RFC 9113 §8.2.3), as an HTTP/1.1 upstream expects.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let all: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if all.len() < 2 {
+        return;
+    }
+    let joined = all.join(&b"; "[..]);
+    if let Ok(mut v) = HeaderValue::from_bytes(&joined) {
+        v.set_sensitive(true);
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// True when this is a WebSocket opening handshake (RFC 6455 §4.1).
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
     let has_token = |name: HeaderName, token: &str| {

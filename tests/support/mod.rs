@@ -572,3 +572,48 @@ impl Pki {
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }
+
+// ---------------------------------------------------------------- keys and requests
+
+/// A `[[keys]]` block for `key` (hashed as the config stores it) plus `extra` lines.
+pub fn key_block(id: &str, key: &str, extra: &str) -> String {
+    format!(
+        "[[keys]]\nid = \"{id}\"\nhash = \"{}\"\n{extra}\n",
+        portcullis::keys::hash_string(key)
+    )
+}
+
+/// A raw HTTP/1.1 request with `Connection: close`; `headers` are "Name: value" lines.
+pub async fn send(addr: SocketAddr, method: &str, target: &str, headers: &[&str]) -> (u16, String) {
+    let mut r = format!("{method} {target} HTTP/1.1\r\nHost: gw.test\r\n");
+    for h in headers {
+        r.push_str(h);
+        r.push_str("\r\n");
+    }
+    if method == "POST" || method == "PUT" {
+        r.push_str("Content-Length: 0\r\n");
+    }
+    r.push_str("Connection: close\r\n\r\n");
+    let resp = raw(addr, r.as_bytes()).await;
+    (status_of(&resp), resp)
+}
+
+/// The value of header `name` in a raw response (case-insensitive), if present.
+pub fn header_of(resp: &str, name: &str) -> Option<String> {
+    let head = resp.split("\r\n\r\n").next()?;
+    head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+/// The JSON error code in a raw response body.
+pub fn code_of(resp: &str) -> String {
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}

@@ -1,0 +1,97 @@
+//! The live state one request runs under: the config plus what is derived from it (key lookup,
+//! the limiters of each route and key). Swapped as a whole on reload (arc-swap), so a request
+//! that started under one config finishes under it. Limiters come from the long-lived
+//! [`Registry`], so a reload that keeps a limit keeps its clients' state.
+
+use std::sync::Arc;
+
+use crate::auth::{self, KeyStore};
+use crate::config::Config;
+use crate::config::units::Rate;
+use crate::rate_limit::{Limiter, LimiterId, Registry};
+
+pub struct Live {
+    pub config: Config,
+    pub keys: KeyStore,
+    pub key_ids: Vec<Arc<str>>,
+    /// Per-IP limiter of each route (by `Route::index`).
+    pub route_ip: Vec<Option<Arc<Limiter>>>,
+    /// Per-key limiter of each route that sets `per_key`.
+    pub route_key: Vec<Option<Arc<Limiter>>>,
+    /// Each key's own limiter when it sets `per_key`.
+    pub key_own: Vec<Option<Arc<Limiter>>>,
+    /// `[limits].per_key`, shared by keys and routes that set nothing.
+    pub default_key: Option<Arc<Limiter>>,
+}
+
+impl Live {
+    pub fn build(config: Config, registry: &Registry) -> Live {
+        let mut used = Vec::new();
+        let mut get = |id: LimiterId| {
+            used.push(id.clone());
+            registry.get(id)
+        };
+        let route_ip = config
+            .routes
+            .iter()
+            .map(|r| {
+                get(LimiterId::RouteIp {
+                    route: r.name.clone(),
+                    rate: r.per_ip.unwrap_or(config.limits.per_ip),
+                })
+            })
+            .collect();
+        let route_key = config
+            .routes
+            .iter()
+            .map(|r| {
+                r.per_key.and_then(|rate| {
+                    get(LimiterId::RouteKey {
+                        route: r.name.clone(),
+                        rate,
+                    })
+                })
+            })
+            .collect();
+        let key_own = config
+            .keys
+            .iter()
+            .map(|k| {
+                k.per_key.and_then(|rate| {
+                    get(LimiterId::KeyOwn {
+                        key: k.id.clone(),
+                        rate,
+                    })
+                })
+            })
+            .collect();
+        let default_key = get(LimiterId::DefaultKey {
+            rate: config.limits.per_key,
+        });
+        registry.retain(&used);
+        registry.store().resize(config.limits.max_tracked_clients);
+        Live {
+            keys: KeyStore::new(&config.keys),
+            key_ids: auth::key_ids(&config.keys),
+            route_ip,
+            route_key,
+            key_own,
+            default_key,
+            config,
+        }
+    }
+
+    /// The per-key limiter for key `k` on route `r`: the key's own, else the route's, else the
+    /// default (SPEC §3 step 8). `None` when that limit is `off`.
+    pub fn per_key_limiter(&self, k: usize, r: usize) -> Option<&Arc<Limiter>> {
+        match self.config.keys[k].per_key {
+            Some(Rate::Off) => None,
+            Some(_) => self.key_own[k].as_ref(),
+            None => match self.config.routes[r].per_key {
+                Some(Rate::Off) => None,
+                Some(_) => self.route_key[r].as_ref(),
+                None => self.default_key.as_ref(),
+            },
+        }
+    }
+}

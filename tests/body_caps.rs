@@ -1,0 +1,98 @@
+//! Body caps (SPEC §3 step 9): Content-Length over the cap is 413 before the upstream is
+//! contacted; a chunked body crossing the cap is cut; a body too slow to arrive is 408.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(up: &Upstream) -> String {
+    format!(
+        "{}[[routes]]\nname = \"up\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\nmax_body = \"1KiB\"\n",
+        server_section("stream_idle_timeout = \"1s\""),
+        up.url()
+    )
+}
+
+fn post_len(n: usize) -> Vec<u8> {
+    let mut r = format!(
+        "POST /count HTTP/1.1\r\nHost: gw.test\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    r.extend(std::iter::repeat_n(b'b', n));
+    r
+}
+
+fn post_chunked(n: usize) -> Vec<u8> {
+    let mut r = b"POST /count HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    // 100-byte chunks, as a streaming client would send them.
+    let mut left = n;
+    while left > 0 {
+        let c = left.min(100);
+        r.extend(format!("{c:x}\r\n").into_bytes());
+        r.extend(std::iter::repeat_n(b'b', c));
+        r.extend(b"\r\n");
+        left -= c;
+    }
+    r.extend(b"0\r\n\r\n");
+    r
+}
+
+#[tokio::test]
+async fn content_length_at_the_cap_passes_and_one_over_is_413_up_front() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await;
+    let r = raw(gw.addr, &post_len(1024)).await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(r.ends_with("{\"bytes\":1024}"), "{r}");
+    let r = raw(gw.addr, &post_len(1025)).await;
+    assert_eq!(
+        (status_of(&r), code_of(&r).as_str()),
+        (413, "payload_too_large"),
+        "{r}"
+    );
+    assert_eq!(
+        up.targets().len(),
+        1,
+        "the oversized request never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn chunked_body_at_the_cap_passes_and_one_over_is_cut() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await;
+    let r = raw(gw.addr, &post_chunked(1024)).await;
+    assert_eq!(status_of(&r), 200, "{r}");
+    assert!(r.ends_with("{\"bytes\":1024}"), "{r}");
+    let r = raw(gw.addr, &post_chunked(1025)).await;
+    assert_eq!(
+        (status_of(&r), code_of(&r).as_str()),
+        (413, "payload_too_large"),
+        "{r}"
+    );
+    let recs = gw.wait_requests(2).await;
+    assert!(recs.iter().any(|r| r["outcome"] == "payload_too_large"));
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = String::from_utf8_lossy(&out);
+    assert_eq!(
+        (status_of(&r), code_of(&r).as_str()),
+        (408, "request_timeout"),
+        "{r}"
+    );
+}
