@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
-use http::header::{AUTHORIZATION, HeaderName};
+use http::header::AUTHORIZATION;
 use lru::LruCache;
 use subtle::ConstantTimeEq;
 
@@ -253,6 +253,7 @@ pub fn key_ids(keys: &[Key]) -> Vec<Arc<str>> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use http::header::HeaderName;
 
     fn auth(query: Option<&str>) -> Auth {
         Auth {
