@@ -27,6 +27,8 @@ enum Msg {
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// Records waiting for room in a full queue; `flush` waits for them first.
+    overflow: tokio_util::task::TaskTracker,
 }
 
 pub fn now_rfc3339() -> String {
@@ -46,7 +48,10 @@ impl Audit {
                 tokio::spawn(writer(tokio::fs::File::from_std(f), rx));
             }
         }
-        Ok(Audit { tx })
+        Ok(Audit {
+            tx,
+            overflow: tokio_util::task::TaskTracker::new(),
+        })
     }
 
     /// Queues one record. Never blocks and never drops: a full queue hands the record to a task.
@@ -63,7 +68,7 @@ impl Audit {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 let tx = self.tx.clone();
-                tokio::spawn(async move {
+                self.overflow.spawn(async move {
                     let _ = tx.send(msg).await;
                 });
             }
@@ -73,8 +78,11 @@ impl Audit {
         }
     }
 
-    /// Waits until everything queued so far is written.
+    /// Waits until everything queued so far is written, overflow included.
     pub async fn flush(&self) {
+        self.overflow.close();
+        self.overflow.wait().await;
+        self.overflow.reopen();
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Flush(tx)).await.is_ok() {
             let _ = rx.await;
@@ -151,7 +159,9 @@ impl Drop for RecordGuard {
         self.record.ts = now_rfc3339();
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
-        self.record.duration_ms = ms(self.start.elapsed());
+        let elapsed = self.start.elapsed();
+        self.record.duration_ms = ms(elapsed);
+        crate::metrics::request(self.record.route.as_deref(), self.record.outcome, elapsed);
         self.audit.emit(&self.record);
     }
 }

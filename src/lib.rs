@@ -4,6 +4,7 @@
 //! listens, bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT. The request path is
 //! described, step by step, in [`pipeline`].
 
+pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod client_ip;
@@ -12,12 +13,14 @@ pub mod cors;
 pub mod error;
 pub mod keys;
 pub mod live;
+pub mod metrics;
 pub mod path;
 pub mod pipeline;
 pub mod proxy;
 pub mod rate_limit;
 pub mod route;
 pub mod server;
+pub mod systemd;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
@@ -66,9 +69,29 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         tracing::warn!(".env is readable by group or others; chmod 600 .env");
     }
     let (cfg, tls) = load_checked(&path, &env)?;
+    let signals = install_signals()?;
     let listeners = server::bind(&cfg.server.listen)
         .await
         .map_err(StartError::Other)?;
+    let admin_listener = match &cfg.admin {
+        None => None,
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
+                StartError::Other(format!("admin.listen: cannot listen on {}: {e}", a.listen))
+            })?;
+            let addr = l
+                .local_addr()
+                .map_err(|e| StartError::Other(format!("admin.listen: {e}")))?;
+            Some((l, addr))
+        }
+    };
+    let metrics_handle = match metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed");
+            None
+        }
+    };
     let audit = Audit::start(&cfg.audit)
         .await
         .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
@@ -107,6 +130,19 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         )));
     }
 
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The admin listener outlives the client listeners: it answers 503 on /readyz while draining.
+    let admin_stop = CancellationToken::new();
+    let admin_addr = admin_listener.as_ref().map(|(_, a)| *a);
+    if let Some((l, _)) = admin_listener {
+        let admin = Arc::new(admin::Admin {
+            shared: serve.shared.clone(),
+            metrics: metrics_handle,
+            ready: ready.clone(),
+        });
+        tokio::spawn(admin::serve(admin, l, admin_stop.clone()));
+    }
+
     {
         let live = serve.shared.live.load();
         let cfg = &live.config;
@@ -116,17 +152,24 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             version: VERSION,
             listeners: addrs.clone(),
             tls: serve.tls.is_some(),
-            admin: None,
+            admin: admin_addr,
             routes: cfg.routes.iter().map(|r| r.name.as_str()).collect(),
             key_count: cfg.keys.len(),
         });
         audit.flush().await;
     }
     tracing::info!(listeners = ?addrs, "portcullis {VERSION} listening");
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    systemd::ready();
+    let watchdog = tokio::spawn(systemd::watchdog());
 
-    wait_for_shutdown(&serve, &path, &env).await;
+    wait_for_shutdown(signals, &serve, &path, &env).await;
 
     // Drain: stop accepting, let in-flight requests and streams finish within the grace period.
+    // /readyz turns 503 first, so a load balancer stops sending before the listeners close.
+    ready.store(false, std::sync::atomic::Ordering::Relaxed);
+    systemd::stopping();
+    watchdog.abort();
     shutdown.cancel();
     for t in accept_tasks {
         let _ = t.await;
@@ -147,31 +190,51 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         event: "shutdown",
     });
     audit.flush().await;
+    admin_stop.cancel();
     Ok(())
 }
 
+/// The signals the gateway handles, installed before anything listens: a SIGHUP that arrives
+/// just after startup must reload, not kill the process (SIGHUP's default action).
 #[cfg(unix)]
-async fn wait_for_shutdown(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+fn install_signals() -> Result<Signals, StartError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
+    let err = |e: std::io::Error| StartError::Other(format!("cannot install signal handlers: {e}"));
+    Ok(Signals {
+        term: signal(SignalKind::terminate()).map_err(err)?,
+        int: signal(SignalKind::interrupt()).map_err(err)?,
+        hup: signal(SignalKind::hangup()).map_err(err)?,
+    })
+}
+
+#[cfg(unix)]
+async fn wait_for_shutdown(mut s: Signals, serve: &server::Serve, path: &Path, env: &LayeredEnv) {
     loop {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => reload(serve, path, env),
+            _ = s.term.recv() => return,
+            _ = s.int.recv() => return,
+            _ = s.hup.recv() => reload(serve, path, env),
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_shutdown(_serve: &server::Serve, _path: &Path, _env: &LayeredEnv) {
+pub struct Signals;
+
+#[cfg(not(unix))]
+fn install_signals() -> Result<Signals, StartError> {
+    Ok(Signals)
+}
+
+#[cfg(not(unix))]
+async fn wait_for_shutdown(_s: Signals, _serve: &server::Serve, _path: &Path, _env: &LayeredEnv) {
     let _ = tokio::signal::ctrl_c().await;
 }
 
@@ -184,6 +247,7 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         result: &'static str,
         reason: Option<&'a str>,
     }
+    systemd::reloading();
     let result = load_checked(path, env).and_then(|(cfg, tls)| {
         let old = serve.shared.live.load();
         if cfg.server.listen != old.config.server.listen {
@@ -209,6 +273,8 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         Ok(()) => ("ok", None),
         Err(e) => ("failed", Some(e.to_string())),
     };
+    metrics::reload(res);
+    systemd::ready();
     serve.shared.audit.emit(&Reload {
         ts: audit::now_rfc3339(),
         event: "reload",

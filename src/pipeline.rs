@@ -219,6 +219,7 @@ async fn process(
             }
             Err((err, known, counts)) => {
                 ctx.key_id = known.map(|i| cfg.keys[i].id.clone());
+                crate::metrics::auth_failure(err.code());
                 if counts && let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
                     emit_lockout(shared, ctx.client_ip, lock);
                 }
@@ -229,12 +230,14 @@ async fn process(
 
     // Step 8: per-IP for the route, then per-key.
     if let Some(l) = &live.route_ip[route.index] {
-        limit(ctx, l, &Subject::Ip(who))?;
+        limit(ctx, l, &Subject::Ip(who))
+            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
     }
     if let Some(k) = key_index
         && let Some(l) = live.per_key_limiter(k, route.index)
     {
-        limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))?;
+        limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))
+            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
     }
 
     // Step 9: body cap up front, then forward.
@@ -535,6 +538,7 @@ async fn forward(
     let sent = Instant::now();
     let resp = shared.forwarder.send(up_req, route.timeout).await?;
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
+    crate::metrics::upstream(&route.name, sent.elapsed());
     Ok(upstream_response(resp))
 }
 

@@ -114,7 +114,9 @@ pub async fn accept_loop(
         let serve2 = serve.clone();
         let watcher = graceful.watcher();
         serve.connections.spawn(async move {
+            crate::metrics::connection_opened();
             connection(serve2, stream, peer, watcher).await;
+            crate::metrics::connection_closed();
             drop(permit);
         });
     }

@@ -114,6 +114,12 @@ impl Gateway {
     }
 
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_full(config, env, false).await
+    }
+
+    /// `addr_from_stderr`: find the bound address in the diagnostic log (for runs whose audit
+    /// log, and so the `startup` event, goes to a file).
+    pub async fn start_full(config: &str, env: &[(&str, &str)], addr_from_stderr: bool) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("portcullis.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -132,15 +138,32 @@ impl Gateway {
         let mut child = cmd.spawn().expect("spawn gateway");
         let stdout = Lines::collect(child.stdout.take().unwrap());
         let stderr = Lines::collect(child.stderr.take().unwrap());
-        let addr = stdout
-            .wait_until(|lines| {
-                lines.iter().find_map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                    (v["event"] == "startup")
-                        .then(|| v["listeners"][0].as_str().unwrap().parse().unwrap())
+        let addr = if addr_from_stderr {
+            stderr
+                .wait_until(|lines| {
+                    lines.iter().find_map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                        let list = v["fields"]["listeners"].as_str()?;
+                        list.trim_matches(|c| c == '[' || c == ']')
+                            .split(',')
+                            .next()?
+                            .trim()
+                            .parse()
+                            .ok()
+                    })
                 })
-            })
-            .await;
+                .await
+        } else {
+            stdout
+                .wait_until(|lines| {
+                    lines.iter().find_map(|l| {
+                        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                        (v["event"] == "startup")
+                            .then(|| v["listeners"][0].as_str().unwrap().parse().unwrap())
+                    })
+                })
+                .await
+        };
         Gateway {
             child,
             addr,
@@ -149,6 +172,51 @@ impl Gateway {
             dir,
             config_path,
         }
+    }
+
+    /// The admin listener's address, from the `startup` event.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.events("startup")[0]["admin"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// Audit records of one event type, from stdout.
+    pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
+        self.stdout
+            .all()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    /// Waits until `n` audit events of type `event` have been written.
+    pub async fn wait_events(&self, event: &str, n: usize) -> Vec<serde_json::Value> {
+        self.stdout
+            .wait_until(|lines| {
+                let found: Vec<serde_json::Value> = lines
+                    .iter()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|v| v["event"] == event)
+                    .collect();
+                (found.len() >= n).then_some(found)
+            })
+            .await
+    }
+
+    /// Replaces the config file (the next SIGHUP loads it).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(&self.config_path, config).unwrap();
+    }
+
+    /// SIGHUP, then waits for the `reload` event it produces; returns that event.
+    pub async fn reload(&self) -> serde_json::Value {
+        let before = self.events("reload").len();
+        self.signal("HUP");
+        self.wait_events("reload", before + 1).await.pop().unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -616,4 +684,28 @@ pub fn code_of(resp: &str) -> String {
         .ok()
         .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// Waits (bounded) until the audit file at `path` holds `n` request records; returns them.
+/// A file has no change notification in std, so it is re-read at a short interval.
+pub async fn wait_file_records(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let recs: Vec<serde_json::Value> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "request")
+            .collect();
+        if recs.len() >= n {
+            return recs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} records in {}:\n{text}",
+            recs.len(),
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,0 +1,94 @@
+//! Prometheus metrics (SPEC §5), recorded with the `metrics` facade and rendered by
+//! metrics-exporter-prometheus on the admin listener. Labels are bounded: routes and outcomes
+//! come from the config and the SPEC's code table, never from a client's input.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+];
+
+/// Installs the global recorder. Fails only if one is already installed.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    gauge!("portcullis_build_info", "version" => crate::VERSION).set(1.0);
+    // Histograms are aggregated lazily; keep memory flat between scrapes.
+    let h = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            h.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("portcullis_requests_total", "Requests by route and outcome");
+    describe_histogram!(
+        "portcullis_request_duration_seconds",
+        "Whole request duration, body included"
+    );
+    describe_histogram!(
+        "portcullis_upstream_duration_seconds",
+        "Time to the upstream's response head"
+    );
+    describe_gauge!("portcullis_active_connections", "Open client connections");
+    describe_counter!(
+        "portcullis_rate_limited_total",
+        "Requests refused by a rate limit, by scope (ip, key)"
+    );
+    describe_counter!(
+        "portcullis_auth_failures_total",
+        "Failed API key checks by reason"
+    );
+    describe_counter!(
+        "portcullis_config_reloads_total",
+        "Config reloads by result"
+    );
+    describe_gauge!("portcullis_build_info", "Build information");
+}
+
+pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
+    let route = route.unwrap_or("none").to_owned();
+    counter!("portcullis_requests_total", "route" => route.clone(), "outcome" => outcome)
+        .increment(1);
+    histogram!("portcullis_request_duration_seconds", "route" => route)
+        .record(duration.as_secs_f64());
+}
+
+pub fn upstream(route: &str, duration: Duration) {
+    histogram!("portcullis_upstream_duration_seconds", "route" => route.to_owned())
+        .record(duration.as_secs_f64());
+}
+
+pub fn connection_opened() {
+    gauge!("portcullis_active_connections").increment(1.0);
+}
+
+pub fn connection_closed() {
+    gauge!("portcullis_active_connections").decrement(1.0);
+}
+
+pub fn rate_limited(route: &str, scope: &'static str) {
+    counter!("portcullis_rate_limited_total", "route" => route.to_owned(), "scope" => scope)
+        .increment(1);
+}
+
+pub fn auth_failure(reason: &'static str) {
+    counter!("portcullis_auth_failures_total", "reason" => reason).increment(1);
+}
+
+pub fn reload(result: &'static str) {
+    counter!("portcullis_config_reloads_total", "result" => result).increment(1);
+}
