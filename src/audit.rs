@@ -54,7 +54,9 @@ impl Audit {
         })
     }
 
-    /// Queues one record. Never blocks and never drops: a full queue hands the record to a task.
+    /// Queues one event record (startup, reload, lockout, shutdown). Never blocks and never drops:
+    /// a full queue hands the record to a task. Request records use a reserved [`Slot`] instead,
+    /// so these overflow tasks stay few (lockouts and reloads are rare by construction).
     pub fn emit<T: Serialize>(&self, record: &T) {
         let mut line = match serde_json::to_vec(record) {
             Ok(l) => l,
@@ -76,6 +78,13 @@ impl Audit {
                 tracing::error!("audit writer has stopped; record lost");
             }
         }
+    }
+
+    /// A guaranteed place in the queue for one record. Requests take one before they are
+    /// processed, so their record can always be written without waiting or dropping: when the
+    /// writer falls behind, new requests wait here (backpressure) and memory stays bounded.
+    pub async fn reserve(&self) -> Option<Slot> {
+        self.tx.clone().reserve_owned().await.ok().map(Slot)
     }
 
     /// Waits until everything queued so far is written, overflow included.
@@ -125,6 +134,9 @@ async fn writer<W: tokio::io::AsyncWrite + Unpin>(out: W, mut rx: mpsc::Receiver
     let _ = out.flush().await;
 }
 
+/// A reserved place in the audit queue (see [`Audit::reserve`]).
+pub struct Slot(mpsc::OwnedPermit<Msg>);
+
 /// The `request` record (SPEC §4), completed and written when the response body ends.
 #[derive(Serialize)]
 pub struct RequestRecord {
@@ -148,6 +160,7 @@ pub struct RequestRecord {
 /// Writes its record when dropped: the end of the response body, whichever way it ended.
 pub struct RecordGuard {
     pub audit: Audit,
+    pub slot: Option<Slot>,
     pub record: RequestRecord,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
@@ -162,7 +175,13 @@ impl Drop for RecordGuard {
         let elapsed = self.start.elapsed();
         self.record.duration_ms = ms(elapsed);
         crate::metrics::request(self.record.route.as_deref(), self.record.outcome, elapsed);
-        self.audit.emit(&self.record);
+        match (self.slot.take(), serde_json::to_vec(&self.record)) {
+            (Some(Slot(permit)), Ok(mut line)) => {
+                line.push(b'\n');
+                permit.send(Msg::Line(line));
+            }
+            _ => self.audit.emit(&self.record),
+        }
     }
 }
 

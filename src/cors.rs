@@ -34,7 +34,14 @@ pub fn is_preflight(method: &Method, headers: &HeaderMap) -> bool {
 }
 
 /// Decides on `Origin` for a request that arrived on `scheme` for `host` (the Host header value).
-pub fn check(cors: Option<&Cors>, headers: &HeaderMap, tls: bool, host: Option<&str>) -> Verdict {
+/// `known_host` says whether a host name is one the operator configured.
+pub fn check(
+    cors: Option<&Cors>,
+    headers: &HeaderMap,
+    tls: bool,
+    host: Option<&str>,
+    known_host: impl Fn(&str) -> bool,
+) -> Verdict {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Verdict::NotCors;
     };
@@ -44,10 +51,12 @@ pub fn check(cors: Option<&Cors>, headers: &HeaderMap, tls: bool, host: Option<&
     let o_lower = o.to_ascii_lowercase();
     if let Some(h) = host {
         let scheme = if tls { "https" } else { "http" };
+        let h = h.to_ascii_lowercase();
         if o_lower
             .strip_prefix(scheme)
             .and_then(|r| r.strip_prefix("://"))
-            == Some(&h.to_ascii_lowercase())
+            == Some(&h)
+            && (tls || rebinding_proof(&h, &known_host))
         {
             return Verdict::NotCors;
         }
@@ -58,6 +67,13 @@ pub fn check(cors: Option<&Cors>, headers: &HeaderMap, tls: bool, host: Option<&
         }
         _ => Verdict::Refused,
     }
+}
+
+/// An IP literal, `localhost`, or a configured host name cannot be a rebound attacker domain.
+fn rebinding_proof(host_port: &str, known_host: &impl Fn(&str) -> bool) -> bool {
+    let host = crate::config::runtime::normalize_host(host_port);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || known_host(&host)
 }
 
 /// Headers on an actual (non-preflight) response to an allowed cross-origin request.

@@ -120,14 +120,9 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         connections: TaskTracker::new(),
     });
 
-    let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut accept_tasks = Vec::new();
     for (l, _) in listeners.bound {
-        accept_tasks.push(tokio::spawn(server::accept_loop(
-            serve.clone(),
-            l,
-            graceful.clone(),
-        )));
+        accept_tasks.push(tokio::spawn(server::accept_loop(serve.clone(), l)));
     }
 
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -175,10 +170,9 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         let _ = t.await;
     }
     serve.shared.tunnels.close();
+    serve.connections.close();
     let drained = tokio::time::timeout(grace, async {
-        if let Ok(graceful) = Arc::try_unwrap(graceful) {
-            graceful.shutdown().await;
-        }
+        serve.connections.wait().await;
         serve.shared.tunnels.wait().await;
     })
     .await;

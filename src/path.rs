@@ -21,6 +21,7 @@ pub enum PathReject {
     EncodedSeparator,
     EncodedControl,
     EncodedDotSegment,
+    DotSegmentParams,
 }
 
 impl fmt::Display for PathReject {
@@ -35,6 +36,9 @@ impl fmt::Display for PathReject {
             PathReject::EncodedSeparator => "the path holds an encoded '/' or '\\'",
             PathReject::EncodedControl => "the path holds an encoded control character",
             PathReject::EncodedDotSegment => "the path holds an encoded dot segment",
+            PathReject::DotSegmentParams => {
+                "the path holds a dot segment with parameters (\"..;\")"
+            }
         })
     }
 }
@@ -90,6 +94,11 @@ pub fn normalize(raw: &str) -> Result<String, PathReject> {
     for seg in raw[1..].split('/') {
         let (decoded, had_encoded_dot) = decode_segment(seg)?;
         trailing_slash = false;
+        // "..;x" is a dot segment to Tomcat/Spring (path parameters are stripped before
+        // resolving) but a plain name to RFC 3986: ambiguous, so refused.
+        if decoded.starts_with(".;") || decoded.starts_with("..;") {
+            return Err(PathReject::DotSegmentParams);
+        }
         match decoded.as_str() {
             "." | ".." if had_encoded_dot => return Err(PathReject::EncodedDotSegment),
             "" => trailing_slash = true,
@@ -124,7 +133,7 @@ fn is_plainly_normal(bytes: &[u8]) -> Result<bool, PathReject> {
             return Err(PathReject::IllegalByte);
         }
         match b {
-            b'%' => plain = false,
+            b'%' | b';' => plain = false,
             b'/' if prev_slash => plain = false,
             b'.' if prev_slash || i == 0 => {
                 // "/." or "/.." starting a segment: maybe a dot segment.
@@ -255,6 +264,9 @@ mod tests {
             ("/caf\u{e9}", PathReject::IllegalByte),
             ("/a#b", PathReject::IllegalByte),
             ("/a|b", PathReject::IllegalByte),
+            ("/public/..;/admin", PathReject::DotSegmentParams),
+            ("/public/.;x/admin", PathReject::DotSegmentParams),
+            ("/public/%2e%2e;/admin", PathReject::DotSegmentParams),
             ("http://evil/x", PathReject::NotOriginForm),
             ("*", PathReject::NotOriginForm),
             ("", PathReject::NotOriginForm),

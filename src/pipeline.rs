@@ -42,6 +42,7 @@ use crate::proxy::body::{self, ResponseBody, Streamed};
 use crate::proxy::{Forwarder, headers, websocket};
 use crate::rate_limit::{Allowed, Registry, Subject};
 use crate::route::{self, Match};
+use crate::server::Active;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -88,14 +89,20 @@ struct Ctx {
     rate: Option<(Allowed, std::time::Duration)>,
     /// An allowed cross-origin request: the Origin to echo.
     cors_origin: Option<HeaderValue>,
+    slot: Option<crate::audit::Slot>,
+    /// Keeps the connection counted as busy (and its slot taken) until the response ends.
+    active: Option<Active>,
 }
 
 /// The hyper service entry point. Never fails: every error becomes a SPEC response.
 pub async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
+    active: Active,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
+    // A place in the audit queue first: the record of this request can then never be lost.
+    let slot = shared.audit.reserve().await;
     let live = shared.live.load_full();
     let cfg = &live.config;
     let start = Instant::now();
@@ -122,13 +129,15 @@ pub async fn handle(
         record_taken: false,
         rate: None,
         cors_origin: None,
+        slot,
+        active: Some(active),
     };
 
     let (resp, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
         Ok(resp) => (resp, "forwarded"),
         Err(e) => (e.response(), e.code()),
     };
-    Ok(finish(&shared, &live, &ctx, conn, resp, outcome))
+    Ok(finish(&shared, &live, &mut ctx, conn, resp, outcome))
 }
 
 /// Steps 4–9 in SPEC order.
@@ -191,6 +200,7 @@ async fn process(
         req.headers(),
         conn.tls,
         raw_host.as_deref(),
+        |h| cfg.routes.iter().any(|r| r.host.as_deref() == Some(h)),
     ) {
         Verdict::Refused => return Err(GatewayError::OriginNotAllowed),
         Verdict::Allowed(origin) if preflight => {
@@ -318,6 +328,13 @@ fn check_target<B>(
             .sum::<usize>();
     if head > max_header_bytes {
         return Err(GatewayError::HeadersTooLarge);
+    }
+    // SPEC §3.4 "Framing": `chunked` is the only transfer coding accepted from a client.
+    let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(v) = te.next()
+        && (te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err(GatewayError::BadRequest);
     }
     let hosts = req.headers().get_all(header::HOST);
     let mut hosts = hosts.iter();
@@ -451,10 +468,13 @@ async fn forward(
     // Expect: 100-continue is answered by our server side; the upstream gets the body directly.
     h.remove(header::EXPECT);
     if route.auth == AuthMode::Key {
-        // The client's key is the gateway's business; the upstream never sees it.
+        // The client's key is the gateway's business; the upstream never sees it, whichever
+        // header it came in (the configured ones, and the two every SDK uses).
         for name in &cfg.auth.headers {
             h.remove(name);
         }
+        h.remove(header::AUTHORIZATION);
+        h.remove(HeaderName::from_static("x-api-key"));
     }
     if let Some(v) = host_value {
         h.insert(header::HOST, v.clone());
@@ -503,7 +523,10 @@ async fn forward(
             && let Some(client_upgrade) = client_upgrade
         {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let guard = record_guard(shared, ctx, 101, "forwarded");
+            let guard = (
+                record_guard(shared, ctx, 101, "forwarded"),
+                ctx.active.take(),
+            );
             ctx.record_taken = true;
             let (bin, bout) = (ctx.bytes_in.clone(), ctx.bytes_out.clone());
             shared.tunnels.spawn(async move {
@@ -532,11 +555,24 @@ async fn forward(
         return Ok(upstream_response(resp));
     }
 
+    let body_done = Arc::new(std::sync::atomic::AtomicBool::new(
+        http_body::Body::is_end_stream(&incoming),
+    ));
     let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
-    let body = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None);
+    let body = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None)
+        .finished_flag(body_done.clone());
     let up_req = Request::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
     let sent = Instant::now();
-    let resp = shared.forwarder.send(up_req, route.timeout).await?;
+    let resp = match shared.forwarder.send(up_req, route.timeout).await {
+        // The upstream cannot answer a request it has not fully received: a body still arriving
+        // when the route timeout fires is the client's slowness (408), not the upstream's (504).
+        Err(GatewayError::UpstreamTimeout)
+            if !body_done.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            return Err(GatewayError::RequestTimeout);
+        }
+        r => r?,
+    };
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
     crate::metrics::upstream(&route.name, sent.elapsed());
     Ok(upstream_response(resp))
@@ -559,9 +595,10 @@ fn join_header(h: &http::HeaderMap, name: &HeaderName) -> Option<String> {
     (!vals.is_empty()).then(|| vals.join(", "))
 }
 
-fn record_guard(shared: &Shared, ctx: &Ctx, status: u16, outcome: &'static str) -> RecordGuard {
+fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static str) -> RecordGuard {
     RecordGuard {
         audit: shared.audit.clone(),
+        slot: ctx.slot.take(),
         record: RequestRecord {
             ts: String::new(),
             event: "request",
@@ -589,7 +626,7 @@ fn record_guard(shared: &Shared, ctx: &Ctx, status: u16, outcome: &'static str) 
 fn finish(
     shared: &Shared,
     live: &Live,
-    ctx: &Ctx,
+    ctx: &mut Ctx,
     conn: ConnInfo,
     resp: Response<ResponseBody>,
     outcome: &'static str,

@@ -12,17 +12,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -85,12 +85,70 @@ pub struct Serve {
     pub semaphore: Arc<Semaphore>,
 }
 
-/// Accepts until shutdown. Each connection runs in `connections` and drains via `watcher`.
-pub async fn accept_loop(
-    serve: Arc<Serve>,
-    listener: TcpListener,
-    graceful: Arc<GracefulShutdown>,
-) {
+/// One client connection's shared state. Requests (and WebSocket tunnels) hold an [`Active`]
+/// guard; the connection slot (`permit`) is released only when the connection *and* every tunnel
+/// it opened are gone, so tunnels cannot escape `max_connections`.
+pub struct ConnState {
+    _permit: OwnedSemaphorePermit,
+    epoch: Instant,
+    inflight: AtomicUsize,
+    requests: AtomicUsize,
+    last_active_ms: AtomicU64,
+}
+
+impl ConnState {
+    fn new(permit: OwnedSemaphorePermit) -> ConnState {
+        crate::metrics::connection_opened();
+        ConnState {
+            _permit: permit,
+            epoch: Instant::now(),
+            inflight: AtomicUsize::new(0),
+            requests: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn stamp(&self) {
+        self.last_active_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// When the connection, if still idle then, should be closed.
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return Instant::now() + idle;
+        }
+        self.epoch + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        crate::metrics::connection_closed();
+    }
+}
+
+/// Held while a request (or a tunnel) of the connection is in flight.
+pub struct Active(Arc<ConnState>);
+
+impl Active {
+    fn new(conn: &Arc<ConnState>) -> Active {
+        conn.inflight.fetch_add(1, Ordering::Relaxed);
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.stamp();
+        Active(conn.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.stamp();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts until shutdown. Each connection runs in `connections`.
+pub async fn accept_loop(serve: Arc<Serve>, listener: TcpListener) {
     loop {
         // Wait for a free connection slot before accepting: excess clients queue in the kernel's
         // backlog instead of costing us memory.
@@ -112,51 +170,27 @@ pub async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let serve2 = serve.clone();
-        let watcher = graceful.watcher();
         serve.connections.spawn(async move {
-            crate::metrics::connection_opened();
-            connection(serve2, stream, peer, watcher).await;
-            crate::metrics::connection_closed();
-            drop(permit);
+            connection(serve2, stream, peer, Arc::new(ConnState::new(permit))).await;
         });
     }
 }
 
-async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, state: Arc<ConnState>) {
     let live = serve.shared.live.load_full();
     let cfg = &live.config;
     // One clock from accept: the TLS handshake and the first request head share header_timeout.
-    let first_head_deadline = tokio::time::Instant::now() + cfg.server.header_timeout;
+    let first_head_deadline = Instant::now() + cfg.server.header_timeout;
+    let idle = cfg.server.idle_timeout;
     let builder = builder(&cfg.server);
     drop(live);
+    let io_args = (peer, builder, first_head_deadline, idle, state);
     match &serve.tls {
-        None => {
-            serve_io(
-                serve.clone(),
-                TokioIo::new(stream),
-                peer,
-                false,
-                builder,
-                watcher,
-                first_head_deadline,
-            )
-            .await
-        }
+        None => serve_io(serve.clone(), TokioIo::new(stream), false, io_args).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
             match tokio::time::timeout_at(first_head_deadline, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => {
-                    serve_io(
-                        serve.clone(),
-                        TokioIo::new(s),
-                        peer,
-                        true,
-                        builder,
-                        watcher,
-                        first_head_deadline,
-                    )
-                    .await
-                }
+                Ok(Ok(s)) => serve_io(serve.clone(), TokioIo::new(s), true, io_args).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -164,44 +198,55 @@ async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, watc
     }
 }
 
-async fn serve_io<I>(
-    serve: Arc<Serve>,
-    io: I,
-    peer: SocketAddr,
-    tls: bool,
-    builder: auto::Builder<TokioExecutor>,
-    watcher: Watcher,
-    first_head_deadline: tokio::time::Instant,
-) where
+type IoArgs = (
+    SocketAddr,
+    auto::Builder<TokioExecutor>,
+    Instant,
+    Duration,
+    Arc<ConnState>,
+);
+
+async fn serve_io<I>(serve: Arc<Serve>, io: I, tls: bool, args: IoArgs)
+where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let (peer, builder, first_head_deadline, idle, state) = args;
     let info = ConnInfo { peer, tls };
     let shared = serve.shared.clone();
-    // Set by the first request: until then the connection is on the header-timeout clock.
-    let got_request = Arc::new(AtomicBool::new(false));
-    let seen = got_request.clone();
-    let svc = service_fn(move |req| {
-        seen.store(true, Ordering::Relaxed);
-        pipeline::handle(shared.clone(), info, req)
-    });
+    let st = state.clone();
+    let svc = service_fn(move |req| pipeline::handle(shared.clone(), info, Active::new(&st), req));
     let conn = builder.serve_connection_with_upgrades(io, svc);
-    let conn = watcher.watch(conn.into_owned());
     tokio::pin!(conn);
-    let first_head = tokio::time::sleep_until(first_head_deadline);
-    tokio::pin!(first_head);
+    let mut closing = false;
     loop {
+        let got_request = state.requests.load(Ordering::Relaxed) > 0;
         tokio::select! {
-            r = &mut conn => {
+            r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
                 return;
             }
-            _ = &mut first_head, if !got_request.load(Ordering::Relaxed) => {
-                if !got_request.load(Ordering::Relaxed) {
+            // A connection that never completes a request head (slowloris, or an HTTP/2
+            // preface and silence) is dropped at header_timeout.
+            _ = tokio::time::sleep_until(first_head_deadline), if !got_request => {
+                if state.requests.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(%peer, "no request head within header_timeout; closing");
                     return;
                 }
+            }
+            // Keep-alive idle (HTTP/2 above all: its PINGs are answered by the client's library,
+            // so only this notices that no request has come for idle_timeout).
+            _ = tokio::time::sleep_until(state.idle_deadline(idle)), if got_request && !closing => {
+                if state.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= state.idle_deadline(idle) {
+                    tracing::debug!(%peer, "connection idle; closing");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = serve.shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
             }
         }
     }

@@ -96,3 +96,29 @@ async fn a_body_that_stalls_gets_408() {
         "{r}"
     );
 }
+
+#[tokio::test]
+async fn a_body_slower_than_the_route_timeout_is_408_not_504() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"up\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\ntimeout = \"1s\"\n",
+        server_section(""),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /count HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = String::from_utf8_lossy(&out);
+    assert_eq!(
+        (status_of(&r), code_of(&r).as_str()),
+        (408, "request_timeout"),
+        "{r}"
+    );
+}

@@ -159,6 +159,8 @@ async fn conflicting_framing_and_missing_host_are_refused() {
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: abc\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
     ];
@@ -185,4 +187,74 @@ async fn conflicting_framing_and_missing_host_are_refused() {
         resp.to_ascii_lowercase().contains("connection: close"),
         "{resp}"
     );
+}
+
+#[tokio::test]
+async fn idle_http2_connection_is_closed_at_idle_timeout() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section("idle_timeout = \"1s\""),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/x", gw.addr))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    // The client's library answers PINGs; only the gateway's idle timer can end this connection.
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(8), driver)
+        .await
+        .expect("h2 connection still open")
+        .unwrap()
+        .ok();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_tunnels_count_towards_max_connections() {
+    let up = upstream().await;
+    let ws = ws_echo_upstream().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"ws\"\npath = \"/ws\"\nupstream = \"http://{ws}\"\nauth = \"none\"\nwebsocket = true\n\
+         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section("max_connections = 1"),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let (mut tunnel, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
+        .await
+        .unwrap();
+    // The only slot is held by the tunnel: a new client waits in the backlog.
+    let waiting = tokio::spawn(raw_get(gw.addr, "/x"));
+    let early = tokio::time::timeout(Duration::from_millis(1500), async {
+        while !waiting.is_finished() {
+            tokio::task::yield_now().await
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "a second connection was served while the tunnel held the only slot"
+    );
+    futures_util::SinkExt::close(&mut tunnel).await.unwrap();
+    drop(tunnel);
+    let (status, _) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(status, 200);
 }

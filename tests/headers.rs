@@ -30,7 +30,8 @@ async fn client_key_is_replaced_by_the_upstream_secret_and_gateway_headers_canno
     let req = format!(
         "GET /v1/models?api_key=query-secret HTTP/1.1\r\nHost: gw.test\r\nAuthorization: Bearer {CLIENT_KEY}\r\n\
          X-API-Key: {CLIENT_KEY}\r\nX-Extra: from-client\r\nConnection: close, X-Forwarded-For, X-Real-IP, X-Request-Id, Authorization\r\n\
-         X-Forwarded-For: 6.6.6.6\r\nX_Forwarded_For: 7.7.7.7\r\nX_Api_Key: {CLIENT_KEY}\r\nCookie: session=abc\r\n\r\n"
+         X-Forwarded-For: 6.6.6.6\r\nX_Forwarded_For: 7.7.7.7\r\nX_Api_Key: {CLIENT_KEY}\r\nCookie: session=abc\r\n\
+         Forwarded: for=10.9.9.9;host=evil.example\r\nX-Forwarded-Host: evil.example\r\nTrue-Client-IP: 10.9.9.9\r\nX-Original-URL: /admin\r\n\r\n"
     );
     let resp = raw(gw.addr, req.as_bytes()).await;
     assert_eq!(status_of(&resp), 200, "{resp}");
@@ -60,6 +61,10 @@ async fn client_key_is_replaced_by_the_upstream_secret_and_gateway_headers_canno
     assert_eq!(seen.header("host"), Some("gw.test"));
     assert!(seen.header("x-request-id").is_some_and(|v| v.len() == 26));
     assert_eq!(seen.header("connection"), None);
+    for claim in ["forwarded", "true-client-ip", "x-original-url"] {
+        assert_eq!(seen.header(claim), None, "{claim} was forwarded");
+    }
+    assert_eq!(seen.header_all("x-forwarded-host"), ["gw.test"]);
     // The query string is forwarded as received (query_param stripping is opt-in, issue 3).
     assert_eq!(seen.target, "/v1/models?api_key=query-secret");
 

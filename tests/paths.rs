@@ -33,6 +33,8 @@ async fn traversal_and_ambiguous_paths_never_reach_the_upstream() {
         ("/public/caf\u{e9}", 400),
         ("http://evil.test/public/x", 400),
         ("*", 400),
+        ("/public/..;/admin", 400),
+        ("/public/..;jsessionid=x/admin", 400),
     ];
     for (target, want) in refused {
         let (status, resp) = raw_get(gw.addr, target).await;

@@ -209,12 +209,24 @@ fn cidrs(list: &[String], path: &str) -> Result<Vec<IpNet>, Invalid> {
 /// A CIDR (`10.0.0.0/8`, `fd00::/8`) or a single address (taken as /32 or /128).
 pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<IpNet>() {
-        return Ok(net.trunc());
+    let net = match s.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => s
+            .parse::<std::net::IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| format!("invalid CIDR or IP address {s:?}"))?,
+    };
+    // Clients are matched as plain IPv4 (see client_ip::canonical), so an IPv4-mapped net
+    // (::ffff:a.b.c.d/n) is turned into the IPv4 net it means; otherwise it would match nothing.
+    if let IpNet::V6(v6) = net
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && v6.prefix_len() >= 96
+    {
+        return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+            .map(IpNet::V4)
+            .map_err(|_| format!("invalid CIDR {s:?}"));
     }
-    s.parse::<std::net::IpAddr>()
-        .map(IpNet::from)
-        .map_err(|_| format!("invalid CIDR or IP address {s:?}"))
+    Ok(net)
 }
 
 fn parse_listen(s: &str, path: &str) -> Result<SocketAddr, Invalid> {
@@ -615,7 +627,14 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
             ));
         }
     }
-    let upstream = parse_upstream(&plain(&r.upstream, &p("upstream"), env)?, &p("upstream"))?;
+    // Errors quote the upstream as written, never as resolved: `${NAME}` may hold credentials.
+    let upstream = parse_upstream(&plain(&r.upstream, &p("upstream"), env)?, &p("upstream"))
+        .map_err(|mut e| {
+            if secret::has_reference(&r.upstream) {
+                e.message = format!("invalid URL {:?} (after resolving ${{...}})", r.upstream);
+            }
+            e
+        })?;
     let host = r.host.trim();
     let mut upstream_headers = Vec::new();
     for (hname, hval) in &r.upstream_headers {
@@ -667,4 +686,29 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
 /// Lower-cases a Host value and drops its port, for route matching.
 pub fn normalize_host(h: &str) -> String {
     host_only(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_canonical() {
+        assert_eq!(parse_cidr("10.0.0.1/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.0/120").unwrap().to_string(),
+            "203.0.113.0/24"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.9").unwrap().to_string(),
+            "203.0.113.9/32"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1/64").unwrap().to_string(),
+            "2001:db8::/64"
+        );
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nope").is_err());
+    }
 }

@@ -10,7 +10,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -100,6 +100,7 @@ pin_project_lite::pin_project! {
         limit: u64,
         guard: Option<Box<dyn Send>>,
         done: bool,
+        finished: Option<Arc<AtomicBool>>,
     }
 }
 
@@ -120,7 +121,15 @@ impl<B> Streamed<B> {
             limit,
             guard,
             done: false,
+            finished: None,
         }
+    }
+
+    /// Sets `flag` once the body has been read to its end (a request body that never finishes
+    /// makes a timeout the client's fault, 408, not the upstream's, 504).
+    pub fn finished_flag(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.finished = Some(flag);
+        self
     }
 }
 
@@ -140,7 +149,8 @@ where
         if *this.done {
             return Poll::Ready(None);
         }
-        match this.inner.poll_frame(cx) {
+        let mut inner = this.inner;
+        match inner.as_mut().poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let total = this.bytes.fetch_add(data.len() as u64, Ordering::Relaxed)
@@ -154,6 +164,11 @@ where
                 if let Some(s) = this.sleep.as_mut() {
                     s.as_mut().reset(Instant::now() + *this.idle);
                 }
+                if let Some(f) = this.finished
+                    && inner.is_end_stream()
+                {
+                    f.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -164,6 +179,9 @@ where
             Poll::Ready(None) => {
                 *this.done = true;
                 this.guard.take();
+                if let Some(f) = this.finished {
+                    f.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -49,10 +49,34 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Client request headers before forwarding: hop-by-hop gone, and (as nginx does by default)
-/// every name with `_`, because WSGI/CGI upstreams map `X_Api_Key` and `X-Api-Key` to one variable.
+/// Headers by which a client could claim another address, host or path to the upstream. The
+/// gateway sets the X-Forwarded-* family itself; the rest are never forwarded.
+const CLIENT_CLAIMS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-proto",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-forwarded-for",
+];
+
+/// Client request headers before forwarding: hop-by-hop gone, claims about the client's address,
+/// host or path gone, and (as nginx does by default) every name with `_`, because WSGI/CGI
+/// upstreams map `X_Api_Key` and `X-Api-Key` to one variable.
 pub fn clean_request(headers: &mut HeaderMap) {
     remove_hop_by_hop(headers);
+    for name in CLIENT_CLAIMS {
+        headers.remove(*name);
+    }
     let underscored: Vec<HeaderName> = headers
         .keys()
         .filter(|n| n.as_str().contains('_'))
