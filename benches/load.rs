@@ -1,0 +1,625 @@
+//! End-to-end load benchmark: the gateway against a direct upstream, side by side (issue 5).
+//!
+//! Run: `cargo bench --bench load` (about 2 minutes; installs Debian's `wrk` if it is missing).
+//! The upstream and the load generators are pinned to core 0, the gateway to core 1 (taskset),
+//! and gateway and direct runs alternate so that drift hits both alike. The gateway does its
+//! full work: key check, limiter, audit log to a file, and TLS where the row says so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+const KEY: &str = "pcx_bench-key-0123456789abcdefghijklmnopqrstuv";
+const JSON: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"ok"}}]}"#;
+
+// ------------------------------------------------------------------ the upstream (own process)
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn upstream_svc(
+    req: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let q = req.uri().query().unwrap_or("").to_owned();
+    if path.ends_with("/sse") {
+        let s = futures_util::stream::unfold(0u32, |i| async move {
+            if i >= 20 {
+                return None;
+            }
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from(format!("data: {i}\n\n")))),
+                i + 1,
+            ))
+        });
+        return Ok(http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(s)))
+            .unwrap());
+    }
+    if path.ends_with("/bytes") {
+        let n: u64 = q
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
+        let s = futures_util::stream::unfold(0u64, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                if sent >= n {
+                    return None;
+                }
+                let take = (n - sent).min(chunk.len() as u64) as usize;
+                Some((
+                    Ok::<_, Infallible>(Frame::data(chunk.slice(..take))),
+                    sent + take as u64,
+                ))
+            }
+        });
+        return Ok(http::Response::new(BodyExt::boxed(StreamBody::new(s))));
+    }
+    Ok(http::Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(JSON)).boxed())
+        .unwrap())
+}
+
+fn run_upstream() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("{}", l.local_addr().unwrap());
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), service_fn(upstream_svc))
+                    .await;
+            });
+        }
+    });
+}
+
+// ------------------------------------------------------------------ processes
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn start_upstream() -> (Proc, SocketAddr) {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(exe)
+        .arg("--upstream")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Proc(child), line.trim().parse().unwrap())
+}
+
+struct Gw {
+    proc: Proc,
+    addr: SocketAddr,
+}
+
+fn start_gateway(
+    dir: &std::path::Path,
+    upstream: SocketAddr,
+    tls: Option<&(String, String)>,
+    workers: Option<usize>,
+) -> Gw {
+    let tls_section = match tls {
+        None => String::new(),
+        Some((cert, key)) => {
+            std::fs::write(dir.join("cert.pem"), cert).unwrap();
+            std::fs::write(dir.join("key.pem"), key).unwrap();
+            format!(
+                "[tls]\ncert = \"{}/cert.pem\"\nkey = \"{}/key.pem\"\n",
+                dir.display(),
+                dir.display()
+            )
+        }
+    };
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n{tls_section}[audit]\noutput = \"{}/audit.jsonl\"\n\
+         [limits]\nper_ip = \"1000000/s\"\nper_key = \"1000000/s\"\n[[keys]]\nid = \"bench\"\nhash = \"{}\"\n\
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"http://{upstream}\"\ntimeout = \"60s\"\n\
+         [routes.upstream_headers]\nauthorization = \"Bearer sk-upstream\"\n",
+        dir.display(),
+        portcullis::keys::hash_string(KEY)
+    );
+    let path = dir.join(format!("gw-{}.toml", tls.is_some()));
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new("taskset");
+    cmd.args([
+        "-c",
+        "1",
+        env!("CARGO_BIN_EXE_portcullis"),
+        "run",
+        "--config",
+    ])
+    .arg(&path)
+    .env("PORTCULLIS_LOG", "warn,portcullis=info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if let Some(w) = workers {
+        cmd.env("TOKIO_WORKER_THREADS", w.to_string());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(l) = v["fields"]["listeners"].as_str()
+        {
+            addr = Some(l.trim_matches(['[', ']']).parse().unwrap());
+            break;
+        }
+    }
+    Gw {
+        proc: Proc(child),
+        addr: addr.expect("gateway did not start"),
+    }
+}
+
+// ------------------------------------------------------------------ wrk
+
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn parse_ms(s: &str) -> f64 {
+    let s = s.trim();
+    if let Some(v) = s.strip_suffix("us") {
+        v.parse::<f64>().unwrap_or(0.0) / 1000.0
+    } else if let Some(v) = s.strip_suffix("ms") {
+        v.parse().unwrap_or(0.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        v.parse::<f64>().unwrap_or(0.0) * 1000.0
+    } else {
+        0.0
+    }
+}
+
+fn wrk(url: &str, secs: u32) -> WrkResult {
+    let out = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            "wrk",
+            "-t1",
+            "-c50",
+            &format!("-d{secs}s"),
+            "--latency",
+            "-H",
+            &format!("Authorization: Bearer {KEY}"),
+            url,
+        ])
+        .output()
+        .expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    WrkResult {
+        rps: field("Requests/sec:").trim().parse().unwrap_or(0.0),
+        p50_ms: parse_ms(&field("50%")),
+        p99_ms: parse_ms(&field("99%")),
+    }
+}
+
+fn ensure_wrk() -> bool {
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        return true;
+    }
+    eprintln!("installing wrk (Debian package)...");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "wrk"])
+        .status();
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        return true;
+    }
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "-qq", "wrk"])
+        .status();
+    Command::new("wrk").arg("--version").output().is_ok()
+}
+
+// ------------------------------------------------------------------ open-loop latency
+
+/// Requests at a fixed `rate` over 50 keep-alive connections for `secs`; latency is measured from
+/// each request's *scheduled* time, so a stall is not hidden (coordinated omission corrected).
+async fn fixed_rate(addr: SocketAddr, rate: u32, secs: u64) -> Vec<f64> {
+    let conns = 50;
+    let per_conn_interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = tcp.set_nodelay(true);
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let mut lat = Vec::new();
+            let offset = per_conn_interval.mul_f64(c as f64 / conns as f64);
+            let mut i = 0u32;
+            loop {
+                let scheduled = start + offset + per_conn_interval * i;
+                if scheduled > start + Duration::from_secs(secs) {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled).await;
+                let req = http::Request::get(format!("http://{addr}/v1/x"))
+                    .header("host", addr.to_string())
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = sender.send_request(req).await.unwrap();
+                let _ = resp.into_body().collect().await;
+                lat.push((tokio::time::Instant::now() - scheduled).as_secs_f64() * 1000.0);
+                i += 1;
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    all
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Arrival time (ms from request start) of each of the 20 SSE events.
+async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let t0 = Instant::now();
+    let req = http::Request::get(format!("http://{addr}/v1/sse"))
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            buf.extend_from_slice(&d);
+            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                buf.drain(..pos + 2);
+                out.push(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    out
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--upstream") {
+        run_upstream();
+        return;
+    }
+    if std::env::args().any(|a| a == "--list") {
+        println!("load: benchmark");
+        return;
+    }
+    // Pin this process (the fixed-rate generator and TLS clients) next to the upstream.
+    let _ = Command::new("taskset")
+        .args(["-p", "-c", "0", &std::process::id().to_string()])
+        .output();
+    let have_wrk = ensure_wrk();
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, up_addr) = start_upstream();
+    let ca = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows: Vec<(String, String, String, String)> = Vec::new();
+    let mut row = |name: &str, gw: String, direct: String, ratio: String| {
+        rows.push((name.to_owned(), gw, direct, ratio))
+    };
+
+    let gw = start_gateway(dir.path(), up_addr, None, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_idle = rss_kib(gw.proc.0.id());
+
+    if have_wrk {
+        let (mut g, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            d.push(wrk(&format!("http://{up_addr}/v1/x"), 5));
+            g.push(wrk(&format!("http://{}/v1/x", gw.addr), 5));
+        }
+        let avg = |v: &[WrkResult], f: fn(&WrkResult) -> f64| {
+            v.iter().map(f).sum::<f64>() / v.len() as f64
+        };
+        let (gr, dr) = (avg(&g, |r| r.rps), avg(&d, |r| r.rps));
+        row(
+            "h1 keep-alive req/s (plain)",
+            format!("{gr:.0}"),
+            format!("{dr:.0}"),
+            format!("{:.2}", gr / dr),
+        );
+        row(
+            "  p50 / p99 ms (plain, 50 conns)",
+            format!(
+                "{:.2} / {:.2}",
+                avg(&g, |r| r.p50_ms),
+                avg(&g, |r| r.p99_ms)
+            ),
+            format!(
+                "{:.2} / {:.2}",
+                avg(&d, |r| r.p50_ms),
+                avg(&d, |r| r.p99_ms)
+            ),
+            String::new(),
+        );
+        let dr_plain = dr;
+
+        // Worker threads: the same gateway with 1 and 2 workers (2 is the default here).
+        let gw1 = start_gateway(dir.path(), up_addr, None, Some(1));
+        let r1 = wrk(&format!("http://{}/v1/x", gw1.addr), 5);
+        drop(gw1);
+        row(
+            "h1 req/s with 1 / 2 worker threads",
+            format!("{:.0} / {gr:.0}", r1.rps),
+            format!("{dr_plain:.0}"),
+            String::new(),
+        );
+
+        let gws = start_gateway(dir.path(), up_addr, Some(&ca), None);
+        let (mut g, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            d.push(wrk(&format!("http://{up_addr}/v1/x"), 5));
+            g.push(wrk(
+                &format!("https://localhost:{}/v1/x", gws.addr.port()),
+                5,
+            ));
+        }
+        let (gr, dr) = (avg(&g, |r| r.rps), avg(&d, |r| r.rps));
+        row(
+            "h1 keep-alive req/s (gateway TLS)",
+            format!("{gr:.0}"),
+            format!("{dr:.0}"),
+            format!("{:.2}", gr / dr),
+        );
+        row(
+            "  p50 / p99 ms (TLS)",
+            format!(
+                "{:.2} / {:.2}",
+                avg(&g, |r| r.p50_ms),
+                avg(&g, |r| r.p99_ms)
+            ),
+            format!(
+                "{:.2} / {:.2}",
+                avg(&d, |r| r.p50_ms),
+                avg(&d, |r| r.p99_ms)
+            ),
+            String::new(),
+        );
+
+        // 1,000 idle keep-alive TLS connections.
+        let before = rss_kib(gws.proc.0.id());
+        let tls_port = gws.addr.port();
+        let held = rt.block_on(async move {
+            let cfg = {
+                let mut roots = rustls::RootCertStore::empty();
+                use rustls_pki_types::pem::PemObject;
+                roots
+                    .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.0.as_bytes()).unwrap())
+                    .unwrap();
+                let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Arc::new(c)
+            };
+            let mut held = Vec::new();
+            for _ in 0..1000 {
+                let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+                    .await
+                    .unwrap();
+                let tls = tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(
+                        rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+                        tcp,
+                    )
+                    .await
+                    .unwrap();
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tls))
+                        .await
+                        .unwrap();
+                let driver = tokio::spawn(conn);
+                let req = http::Request::get("/v1/x")
+                    .header("host", "localhost")
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let _ = sender
+                    .send_request(req)
+                    .await
+                    .unwrap()
+                    .into_body()
+                    .collect()
+                    .await;
+                held.push((sender, driver));
+            }
+            held
+        });
+        let with_conns = rss_kib(gws.proc.0.id());
+        drop(held);
+        row(
+            "RSS KiB: after TLS load / +1,000 idle TLS conns",
+            format!("{before} / {with_conns}"),
+            String::new(),
+            String::new(),
+        );
+    } else {
+        row(
+            "wrk unavailable: throughput rows skipped",
+            String::new(),
+            String::new(),
+            String::new(),
+        );
+    }
+
+    // Fixed 2,000 req/s, latency corrected.
+    let (mut gl, mut dl) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        dl.extend(rt.block_on(fixed_rate(up_addr, 2000, 5)));
+        gl.extend(rt.block_on(fixed_rate(gw.addr, 2000, 5)));
+    }
+    gl.sort_by(|a, b| a.total_cmp(b));
+    dl.sort_by(|a, b| a.total_cmp(b));
+    row(
+        "2,000 req/s p50 / p99 / p99.9 ms",
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            pct(&gl, 0.5),
+            pct(&gl, 0.99),
+            pct(&gl, 0.999)
+        ),
+        format!(
+            "{:.2} / {:.2} / {:.2}",
+            pct(&dl, 0.5),
+            pct(&dl, 0.99),
+            pct(&dl, 0.999)
+        ),
+        format!("+{:.2} ms at p99", pct(&gl, 0.99) - pct(&dl, 0.99)),
+    );
+
+    // SSE: added delay per event.
+    let mut added = Vec::new();
+    for _ in 0..3 {
+        let d = rt.block_on(sse_arrivals(up_addr));
+        let g = rt.block_on(sse_arrivals(gw.addr));
+        added.extend(g.iter().zip(&d).skip(1).map(|(g, d)| g - d));
+    }
+    added.sort_by(|a, b| a.total_cmp(b));
+    row(
+        "SSE added delay per event ms (median / max)",
+        format!(
+            "{:.3} / {:.3}",
+            pct(&added, 0.5),
+            added.last().copied().unwrap_or(0.0)
+        ),
+        String::new(),
+        String::new(),
+    );
+
+    let rss_after = rss_kib(gw.proc.0.id());
+    // 1 GiB streamed down through the gateway: peak RSS.
+    let pid = gw.proc.0.id();
+    let addr = gw.addr;
+    let peak = rt.block_on(async move {
+        let max = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let m = max.clone();
+        let sampler = tokio::spawn(async move {
+            loop {
+                m.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("/v1/bytes?n={}", 1u64 << 30))
+            .header("host", "gw")
+            .header("authorization", format!("Bearer {KEY}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut body = sender.send_request(req).await.unwrap().into_body();
+        let mut got = 0u64;
+        while let Some(f) = body.frame().await {
+            got += f.unwrap().into_data().map(|d| d.len() as u64).unwrap_or(0);
+        }
+        assert_eq!(got, 1 << 30);
+        sampler.abort();
+        max.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    row(
+        "RSS KiB: idle / after load / peak during 1 GiB stream",
+        format!("{rss_idle} / {rss_after} / {peak}"),
+        String::new(),
+        String::new(),
+    );
+
+    println!("\n| measurement | gateway | direct | gateway vs direct |\n|---|---|---|---|");
+    for (n, g, d, r) in &rows {
+        println!("| {n} | {g} | {d} | {r} |");
+    }
+}
