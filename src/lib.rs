@@ -247,6 +247,13 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         if cfg.server.listen != old.config.server.listen {
             tracing::warn!("server.listen changed: takes effect at the next restart");
         }
+        // The admin listener is bound once; its token is reloadable, its existence is not (a
+        // reload that removed [admin] must not leave /metrics open under the old listener).
+        if old.config.admin.as_ref().map(|a| a.listen) != cfg.admin.as_ref().map(|a| a.listen) {
+            return Err(StartError::Other(
+                "adding or removing [admin], or changing admin.listen, needs a restart".into(),
+            ));
+        }
         match (&serve.tls, tls) {
             (Some(cur), Some(new)) => cur.store(new),
             (None, None) => {}

@@ -168,18 +168,19 @@ fn keygen(id: &str, routes: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    println!("{key}");
-    println!();
-    println!(
-        "# Give the key above to the client; it is not stored anywhere. Paste this into the config:"
-    );
-    println!("[[keys]]");
-    println!("id = \"{id}\"");
-    println!("hash = \"{}\"", portcullis::keys::hash_string(&key));
+    let mut text = format!("{key}\n\n");
+    text.push_str("# Give the key above to the client; it is not stored anywhere. Paste this into the config:\n");
+    text.push_str(&format!(
+        "[[keys]]\nid = \"{id}\"\nhash = \"{}\"\n",
+        portcullis::keys::hash_string(&key)
+    ));
     if !routes.is_empty() {
         let list: Vec<String> = routes.iter().map(|r| format!("\"{r}\"")).collect();
-        println!("routes = [{}]", list.join(", "));
+        text.push_str(&format!("routes = [{}]\n", list.join(", ")));
     }
+    // write_all, not println!: a closed pipe (`keygen | head -1`) is not a panic.
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(text.as_bytes());
     ExitCode::SUCCESS
 }
 

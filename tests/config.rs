@@ -222,3 +222,12 @@ fn secrets_resolve_from_a_file_and_from_the_credentials_directory() {
     let (code, _, err) = check(&cfg, &[("UP_FILE", file.to_str().unwrap())]);
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn admin_token_resolving_to_empty_is_refused() {
+    refused(
+        &format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"${{ADMIN_T}}\"\n{ROUTE}"),
+        &[("ADMIN_T", "")],
+        &["admin.token", "empty"],
+    );
+}

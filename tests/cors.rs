@@ -115,23 +115,33 @@ async fn foreign_origin_is_refused_even_with_a_valid_key() {
         header_of(&r, "access-control-allow-origin").as_deref(),
         Some("https://app.example")
     );
-    // Same origin (the browser on the gateway's own host): always allowed; no Origin: allowed.
-    assert_eq!(
-        send(
-            gw.addr,
-            "POST",
-            "/v1/chat/completions",
-            &[&key, "Origin: http://gw.test"]
-        )
-        .await
-        .0,
-        200
-    );
+    // No Origin (apps, scripts): allowed.
     assert_eq!(
         send(gw.addr, "POST", "/v1/chat/completions", &[&key])
             .await
             .0,
         200
+    );
+    // Same origin on an IP-literal host (a browser on http://<pi-address>:port): allowed.
+    let own = format!("http://{}", gw.addr);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {}\r\n{key}\r\nOrigin: {own}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        gw.addr
+    );
+    assert_eq!(status_of(&raw(gw.addr, req.as_bytes()).await), 200);
+    // "Same origin" by a host name nobody configured, over plain HTTP, is what DNS rebinding
+    // looks like: refused.
+    let (s, r) = send(
+        gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[&key, "Origin: http://gw.test"],
+    )
+    .await;
+    assert_eq!(
+        (s, code_of(&r).as_str()),
+        (403, "origin_not_allowed"),
+        "{r}"
     );
 }
 

@@ -409,11 +409,13 @@ impl Config {
                 } else {
                     let t =
                         secret::resolve(&a.token, env).map_err(|m| invalid("admin.token", m))?;
-                    if t.expose_secret().is_empty() {
-                        None
-                    } else {
-                        Some(t)
+                    if t.expose_secret().trim().is_empty() {
+                        return Err(invalid(
+                            "admin.token",
+                            "resolved to an empty string; remove admin.token to serve /metrics without a token",
+                        ));
                     }
+                    Some(t)
                 };
                 Some(Admin {
                     listen: parse_listen(&l, "admin.listen")?,
