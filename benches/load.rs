@@ -295,12 +295,17 @@ async fn fixed_rate(addr: SocketAddr, rate: u32, secs: u64) -> Vec<f64> {
                     break;
                 }
                 tokio::time::sleep_until(scheduled).await;
-                let req = http::Request::get(format!("http://{addr}/v1/x"))
+                let req = http::Request::get("/v1/x")
                     .header("host", addr.to_string())
                     .header("authorization", format!("Bearer {KEY}"))
                     .body(Full::new(Bytes::new()))
                     .unwrap();
-                let resp = sender.send_request(req).await.unwrap();
+                if sender.ready().await.is_err() {
+                    break;
+                }
+                let Ok(resp) = sender.send_request(req).await else {
+                    break;
+                };
                 let _ = resp.into_body().collect().await;
                 lat.push((tokio::time::Instant::now() - scheduled).as_secs_f64() * 1000.0);
                 i += 1;
@@ -332,7 +337,7 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
             .unwrap();
     tokio::spawn(conn);
     let t0 = Instant::now();
-    let req = http::Request::get(format!("http://{addr}/v1/sse"))
+    let req = http::Request::get("/v1/sse")
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {KEY}"))
         .body(Full::new(Bytes::new()))

@@ -13,6 +13,7 @@ pub mod cors;
 pub mod error;
 pub mod keys;
 pub mod live;
+pub mod llm;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;
