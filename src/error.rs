@@ -17,6 +17,7 @@ pub enum GatewayError {
     InvalidApiKey,
     ExpiredApiKey,
     KeyNotAllowed,
+    ModelNotAllowed,
     IpDenied,
     OriginNotAllowed,
     LockedOut { retry_after: Duration },
@@ -36,7 +37,7 @@ impl GatewayError {
         use GatewayError::*;
         match self {
             MissingApiKey | InvalidApiKey | ExpiredApiKey => StatusCode::UNAUTHORIZED,
-            KeyNotAllowed | IpDenied | OriginNotAllowed => StatusCode::FORBIDDEN,
+            KeyNotAllowed | ModelNotAllowed | IpDenied | OriginNotAllowed => StatusCode::FORBIDDEN,
             LockedOut { .. } | RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -57,6 +58,7 @@ impl GatewayError {
             InvalidApiKey => "invalid_api_key",
             ExpiredApiKey => "expired_api_key",
             KeyNotAllowed => "key_not_allowed",
+            ModelNotAllowed => "model_not_allowed",
             IpDenied => "ip_denied",
             OriginNotAllowed => "origin_not_allowed",
             LockedOut { .. } => "locked_out",
@@ -79,6 +81,7 @@ impl GatewayError {
             InvalidApiKey => "The API key is not valid.",
             ExpiredApiKey => "The API key has expired.",
             KeyNotAllowed => "The API key is not allowed to use this route.",
+            ModelNotAllowed => "The API key is not allowed to use this model.",
             IpDenied => "Requests from this address are not allowed on this route.",
             OriginNotAllowed => "This origin is not allowed.",
             LockedOut { .. } => {
@@ -127,8 +130,8 @@ impl GatewayError {
             BadRequest | HeadersTooLarge | RequestTimeout | PayloadTooLarge => {
                 h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
             }
-            KeyNotAllowed | IpDenied | OriginNotAllowed | NoRoute | MethodNotAllowed
-            | UpstreamTimeout | UpstreamUnavailable => {}
+            KeyNotAllowed | ModelNotAllowed | IpDenied | OriginNotAllowed | NoRoute
+            | MethodNotAllowed | UpstreamTimeout | UpstreamUnavailable => {}
         }
         resp
     }
@@ -153,6 +156,7 @@ mod tests {
             (InvalidApiKey, 401, "invalid_api_key"),
             (ExpiredApiKey, 401, "expired_api_key"),
             (KeyNotAllowed, 403, "key_not_allowed"),
+            (ModelNotAllowed, 403, "model_not_allowed"),
             (IpDenied, 403, "ip_denied"),
             (OriginNotAllowed, 403, "origin_not_allowed"),
             (LockedOut { retry_after: d }, 429, "locked_out"),

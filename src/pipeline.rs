@@ -256,7 +256,57 @@ async fn process(
     {
         return Err(GatewayError::PayloadTooLarge);
     }
-    forward(shared, cfg, conn, ctx, route, &path, req).await
+    // SPEC §7: on `llm` routes a key with a `models` allow-list has the request body read (it
+    // is capped by max_body already) and its model checked before anything is forwarded.
+    let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
+    if route.llm
+        && let Some(allowed) = allowed
+        && !http_body::Body::is_end_stream(req.body())
+    {
+        let (parts, incoming) = req.into_parts();
+        let bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
+        crate::llm::request::check_models(allowed, &bytes)?;
+        let req = Request::from_parts(parts, ClientBody::Buffered(bytes));
+        return forward(shared, cfg, conn, ctx, route, &path, req).await;
+    }
+    forward(
+        shared,
+        cfg,
+        conn,
+        ctx,
+        route,
+        &path,
+        req.map(ClientBody::Streaming),
+    )
+    .await
+}
+
+/// A request body as it is forwarded: streamed as it arrives, or already read (LLM inspection).
+enum ClientBody {
+    Streaming(Incoming),
+    Buffered(bytes::Bytes),
+}
+
+/// Reads a whole request body, within the route's cap and timeout.
+async fn read_body(
+    incoming: Incoming,
+    route: &Route,
+    idle: std::time::Duration,
+    ctx: &Ctx,
+) -> Result<bytes::Bytes, GatewayError> {
+    use http_body_util::BodyExt;
+    let body = Streamed::new(
+        incoming.map_err(body::ClientBodyError),
+        idle,
+        ctx.bytes_in.clone(),
+        route.max_body,
+        None,
+    );
+    match tokio::time::timeout(route.timeout, body.collect()).await {
+        Err(_) => Err(GatewayError::RequestTimeout),
+        Ok(Err(e)) => Err(crate::proxy::classify(&*e)),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 /// Applies one limiter; remembers the tightest one for the `RateLimit` headers.
@@ -421,7 +471,7 @@ async fn forward(
     ctx: &mut Ctx,
     route: &Route,
     path: &str,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let (mut parts, incoming) = req.into_parts();
     let is_ws = route.websocket
@@ -555,13 +605,22 @@ async fn forward(
         return Ok(upstream_response(resp));
     }
 
-    let body_done = Arc::new(std::sync::atomic::AtomicBool::new(
-        http_body::Body::is_end_stream(&incoming),
-    ));
-    let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
-    let body = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None)
-        .finished_flag(body_done.clone());
-    let up_req = Request::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body));
+    let (up_body, body_done) = match incoming {
+        ClientBody::Buffered(bytes) => (
+            body::full(bytes),
+            Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        ),
+        ClientBody::Streaming(incoming) => {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(
+                http_body::Body::is_end_stream(&incoming),
+            ));
+            let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
+            let b = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None)
+                .finished_flag(done.clone());
+            (http_body_util::BodyExt::boxed_unsync(b), done)
+        }
+    };
+    let up_req = Request::from_parts(parts, up_body);
     let sent = Instant::now();
     let resp = match shared.forwarder.send(up_req, route.timeout).await {
         // The upstream cannot answer a request it has not fully received: a body still arriving

@@ -113,6 +113,8 @@ pub struct Key {
     pub per_key: Option<Rate>,
     pub expires: Option<SystemTime>,
     pub disabled: bool,
+    /// `None`: any model. On `llm` routes a request naming another model gets 403.
+    pub models: Option<Vec<crate::llm::request::ModelPattern>>,
 }
 
 impl fmt::Debug for Key {
@@ -172,6 +174,8 @@ pub struct Route {
     pub allow_ips: Vec<IpNet>,
     pub deny_ips: Vec<IpNet>,
     pub websocket: bool,
+    /// OpenAI-style API: JSON request bodies are read for the model (SPEC §7).
+    pub llm: bool,
     pub upstream_headers: Vec<UpstreamHeader>,
 }
 
@@ -574,7 +578,21 @@ impl Config {
                     )
                 })?),
             };
+            let models = match &k.models {
+                None => None,
+                Some(list) => {
+                    let mut out = Vec::new();
+                    for (j, m) in list.iter().enumerate() {
+                        out.push(
+                            crate::llm::request::ModelPattern::parse(m)
+                                .map_err(|e| invalid(format!("keys[{i}].models[{j}]"), e))?,
+                        );
+                    }
+                    Some(out)
+                }
+            };
             keys.push(Key {
+                models,
                 id: id.to_owned(),
                 hash,
                 routes: k.routes.clone(),
@@ -681,6 +699,7 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         allow_ips: cidrs(&r.allow_ips, &p("allow_ips"))?,
         deny_ips: cidrs(&r.deny_ips, &p("deny_ips"))?,
         websocket: r.websocket,
+        llm: r.llm,
         upstream_headers,
     })
 }

@@ -183,6 +183,7 @@ pub struct RawKey {
     pub expires: Option<String>,
     #[serde(default)]
     pub disabled: bool,
+    pub models: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +210,8 @@ pub struct RawRoute {
     pub deny_ips: Vec<String>,
     #[serde(default)]
     pub websocket: bool,
+    #[serde(default)]
+    pub llm: bool,
     #[serde(default)]
     pub upstream_headers: BTreeMap<String, String>,
 }
