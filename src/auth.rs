@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -170,16 +169,12 @@ pub struct LockedOut {
 impl Lockout {
     pub fn new(capacity: usize) -> Lockout {
         Lockout {
-            lru: Mutex::new(LruCache::new(
-                NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            lru: crate::rate_limit::bounded_lru(capacity),
         }
     }
 
     pub fn resize(&self, capacity: usize) {
-        if let Ok(mut l) = self.lru.lock() {
-            l.resize(NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN));
-        }
+        crate::rate_limit::resize_lru(&self.lru, capacity);
     }
 
     /// `Err(time left)` while `who` is locked out.

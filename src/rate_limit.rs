@@ -40,19 +40,31 @@ pub struct Store {
     lru: Mutex<LruCache<(u32, Subject), Nanos>>,
 }
 
+/// An LRU map holding at most `capacity` entries (at least one).
+pub fn bounded_lru<K: Hash + Eq, V>(capacity: usize) -> Mutex<LruCache<K, V>> {
+    Mutex::new(LruCache::new(cap(capacity)))
+}
+
+/// Changes an LRU map's bound (on reload), evicting the least recently used if it shrank.
+pub fn resize_lru<K: Hash + Eq, V>(lru: &Mutex<LruCache<K, V>>, capacity: usize) {
+    if let Ok(mut l) = lru.lock() {
+        l.resize(cap(capacity));
+    }
+}
+
+fn cap(capacity: usize) -> NonZeroUsize {
+    NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)
+}
+
 impl Store {
     pub fn new(capacity: usize) -> Store {
         Store {
-            lru: Mutex::new(LruCache::new(
-                NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN),
-            )),
+            lru: bounded_lru(capacity),
         }
     }
 
     pub fn resize(&self, capacity: usize) {
-        if let Ok(mut l) = self.lru.lock() {
-            l.resize(NonZeroUsize::new(capacity.max(1)).unwrap_or(NonZeroUsize::MIN));
-        }
+        resize_lru(&self.lru, capacity);
     }
 
     pub fn len(&self) -> usize {

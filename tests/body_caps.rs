@@ -76,10 +76,8 @@ async fn chunked_body_at_the_cap_passes_and_one_over_is_cut() {
     assert!(recs.iter().any(|r| r["outcome"] == "payload_too_large"));
 }
 
-#[tokio::test]
-async fn a_body_that_stalls_gets_408() {
-    let up = upstream().await;
-    let gw = Gateway::start(&config(&up)).await;
+/// Sends 10 of 100 promised body bytes, then stalls; returns the gateway's answer.
+async fn stalled_upload(gw: &Gateway) -> String {
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"POST /count HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n0123456789")
         .await
@@ -89,7 +87,14 @@ async fn a_body_that_stalls_gets_408() {
         .await
         .unwrap()
         .unwrap();
-    let r = String::from_utf8_lossy(&out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_gets_408() {
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up)).await; // stream_idle_timeout = 1s
+    let r = stalled_upload(&gw).await;
     assert_eq!(
         (status_of(&r), code_of(&r).as_str()),
         (408, "request_timeout"),
@@ -105,17 +110,8 @@ async fn a_body_slower_than_the_route_timeout_is_408_not_504() {
         server_section(""),
         up.url()
     );
-    let gw = Gateway::start(&config).await;
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    s.write_all(b"POST /count HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let r = String::from_utf8_lossy(&out);
+    let gw = Gateway::start(&config).await; // stream_idle_timeout = 5m: the route timeout fires
+    let r = stalled_upload(&gw).await;
     assert_eq!(
         (status_of(&r), code_of(&r).as_str()),
         (408, "request_timeout"),
