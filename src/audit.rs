@@ -163,12 +163,18 @@ pub struct RequestRecord {
     pub duration_ms: f64,
     pub upstream_ms: Option<f64>,
     pub user_agent: Option<String>,
+    /// SPEC §7: model, tokens, cost and their sources, on `llm` routes only.
+    #[serde(flatten)]
+    pub llm: Option<crate::llm::usage::LlmRecord>,
 }
 
 /// Writes its record when dropped: the end of the response body, whichever way it ended.
 pub struct RecordGuard {
     pub audit: Audit,
     pub slot: Option<Slot>,
+    /// On `llm` routes: the model asked for, where the response's usage lands, and the metrics
+    /// label for the model (bounded).
+    pub llm: Option<(Option<String>, crate::llm::usage::UsageSlot, String)>,
     pub record: RequestRecord,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
@@ -180,6 +186,18 @@ impl Drop for RecordGuard {
         self.record.ts = now_rfc3339();
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        if let Some((model, usage, label)) = self.llm.take() {
+            let usage = usage.lock().ok().and_then(|u| *u);
+            if let Some(u) = usage {
+                crate::metrics::llm_usage(
+                    self.record.route.as_deref().unwrap_or("none"),
+                    self.record.key_id.as_deref().unwrap_or("none"),
+                    label,
+                    &u,
+                );
+            }
+            self.record.llm = Some(crate::llm::usage::LlmRecord::new(model, usage));
+        }
         let elapsed = self.start.elapsed();
         self.record.duration_ms = ms(elapsed);
         crate::metrics::request(self.record.route.as_deref(), self.record.outcome, elapsed);

@@ -81,6 +81,23 @@ impl Live {
         }
     }
 
+    /// The metrics label for a model: its name when some key's allow-list names it exactly, else
+    /// `other`, so clients cannot blow up label cardinality (SPEC §7).
+    pub fn model_label(&self, model: Option<&str>) -> String {
+        use crate::llm::request::ModelPattern;
+        let named = model.is_some_and(|m| {
+            self.config.keys.iter().any(|k| {
+                k.models
+                    .as_ref()
+                    .is_some_and(|ps| ps.iter().any(|p| *p == ModelPattern::Exact(m.to_owned())))
+            })
+        });
+        match model {
+            Some(m) if named => m.to_owned(),
+            _ => "other".to_owned(),
+        }
+    }
+
     /// The per-key limiter for key `k` on route `r`: the key's own, else the route's, else the
     /// default (SPEC §3 step 8). `None` when that limit is `off`.
     pub fn per_key_limiter(&self, k: usize, r: usize) -> Option<&Arc<Limiter>> {

@@ -57,6 +57,14 @@ fn describe() {
         "Config reloads by result"
     );
     describe_gauge!("portcullis_build_info", "Build information");
+    describe_counter!(
+        "portcullis_llm_tokens_total",
+        "Tokens reported by upstreams, by route, key, model and kind"
+    );
+    describe_counter!(
+        "portcullis_llm_cost_usd_total",
+        "Cost reported by upstreams, USD, by key"
+    );
 }
 
 pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
@@ -91,4 +99,20 @@ pub fn auth_failure(reason: &'static str) {
 
 pub fn reload(result: &'static str) {
     counter!("portcullis_config_reloads_total", "result" => result).increment(1);
+}
+
+/// `model` must already be bounded: a name from a key's allow-list, or "other".
+pub fn llm_usage(route: &str, key_id: &str, model: String, u: &crate::llm::usage::Usage) {
+    for (kind, n) in [
+        ("prompt", u.prompt_tokens),
+        ("completion", u.completion_tokens),
+    ] {
+        counter!("portcullis_llm_tokens_total", "route" => route.to_owned(), "key_id" => key_id.to_owned(), "model" => model.clone(), "kind" => kind)
+            .increment(n);
+    }
+    if let Some(c) = u.cost {
+        // The `metrics` counters count integers; a monotonically increased gauge carries the
+        // fractional dollar total (exported under the SPEC's name).
+        gauge!("portcullis_llm_cost_usd_total", "key_id" => key_id.to_owned()).increment(c);
+    }
 }

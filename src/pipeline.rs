@@ -92,6 +92,8 @@ struct Ctx {
     slot: Option<crate::audit::Slot>,
     /// Keeps the connection counted as busy (and its slot taken) until the response ends.
     active: Option<Active>,
+    /// On `llm` routes, once the request body was read: the model, and where usage will land.
+    llm: Option<(Option<String>, crate::llm::usage::UsageSlot)>,
 }
 
 /// The hyper service entry point. Never fails: every error becomes a SPEC response.
@@ -131,6 +133,7 @@ pub async fn handle(
         cors_origin: None,
         slot,
         active: Some(active),
+        llm: None,
     };
 
     let (resp, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
@@ -256,17 +259,23 @@ async fn process(
     {
         return Err(GatewayError::PayloadTooLarge);
     }
-    // SPEC §7: on `llm` routes a key with a `models` allow-list has the request body read (it
-    // is capped by max_body already) and its model checked before anything is forwarded.
-    let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
-    if route.llm
-        && let Some(allowed) = allowed
-        && !http_body::Body::is_end_stream(req.body())
-    {
-        let (parts, incoming) = req.into_parts();
-        let bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
-        crate::llm::request::check_models(allowed, &bytes)?;
-        let req = Request::from_parts(parts, ClientBody::Buffered(bytes));
+    // SPEC §7: on `llm` routes the request body (capped by max_body already) is read for its
+    // model; a key with a `models` allow-list is held to it before anything is forwarded.
+    if route.llm {
+        let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
+        let mut model = None;
+        let req = if http_body::Body::is_end_stream(req.body()) {
+            req.map(ClientBody::Streaming)
+        } else {
+            let (parts, incoming) = req.into_parts();
+            let bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
+            match allowed {
+                Some(allowed) => model = crate::llm::request::check_models(allowed, &bytes)?.model,
+                None => model = crate::llm::request::inspect(&bytes).and_then(|i| i.model),
+            }
+            Request::from_parts(parts, ClientBody::Buffered(bytes))
+        };
+        ctx.llm = Some((model, crate::llm::usage::UsageSlot::default()));
         return forward(shared, cfg, conn, ctx, route, &path, req).await;
     }
     forward(
@@ -634,6 +643,21 @@ async fn forward(
     };
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
     crate::metrics::upstream(&route.name, sent.elapsed());
+    if let Some((_, usage)) = &ctx.llm {
+        let sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let (parts, incoming) = resp.into_parts();
+        let tapped = crate::llm::usage::UsageTap::new(incoming, sse, usage.clone());
+        let resp = Response::from_parts(parts, tapped);
+        let (mut parts, b) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        return Ok(Response::from_parts(
+            parts,
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, Into::into)),
+        ));
+    }
     Ok(upstream_response(resp))
 }
 
@@ -674,10 +698,15 @@ fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static s
             duration_ms: 0.0,
             upstream_ms: ctx.upstream_ms,
             user_agent: ctx.user_agent.clone(),
+            llm: None,
         },
         start: ctx.start,
         bytes_in: ctx.bytes_in.clone(),
         bytes_out: ctx.bytes_out.clone(),
+        llm: ctx
+            .llm
+            .as_ref()
+            .map(|(model, usage)| (model.clone(), usage.clone(), String::new())),
     }
 }
 
@@ -724,7 +753,12 @@ fn finish(
     if ctx.record_taken {
         return Response::from_parts(parts, body);
     }
-    let guard = record_guard(shared, ctx, parts.status.as_u16(), outcome);
+    let mut record = record_guard(shared, ctx, parts.status.as_u16(), outcome);
+    if let Some((model, _, label)) = &mut record.llm {
+        *label = live.model_label(model.as_deref());
+    }
+    // The connection counts as busy (for idle_timeout) until this response body has ended.
+    let guard = (record, ctx.active.take());
     let idle = live.config.server.stream_idle_timeout;
     let body = Streamed::new(
         body,

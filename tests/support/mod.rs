@@ -415,7 +415,49 @@ async fn upstream_service(
     let path = req.uri().path().to_owned();
     let q = query(&req);
     let num = |k: &str, d: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
-    let resp = if path.ends_with("/sse") {
+    let resp = if path.ends_with("/chat/completions") {
+        // An OpenAI/OpenRouter-style chat endpoint: JSON with usage, or SSE chunks and, when
+        // `stream_options.include_usage` is set, a final usage-only event before [DONE].
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let model = v["model"].as_str().unwrap_or("unknown").to_owned();
+        if v["stream"].as_bool() == Some(true) {
+            let mut events = Vec::new();
+            for word in ["Hel", "lo", "!"] {
+                events.push(format!(
+                    "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
+                ));
+            }
+            if v["stream_options"]["include_usage"].as_bool() == Some(true) {
+                events.push(format!(
+                    "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"cost\":0.00042}}}}\n\n"
+                ));
+            }
+            events.push("data: [DONE]\n\n".to_owned());
+            let s = futures_util::stream::iter(
+                events.into_iter().map(|e| Ok(Frame::data(Bytes::from(e)))),
+            );
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(stream_body(s))
+                .unwrap()
+        } else {
+            let out = serde_json::json!({
+                "id": "c1", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}}],
+                "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(out.to_string()))
+                .unwrap()
+        }
+    } else if path.ends_with("/sse") {
         let n = num("n", 10);
         let gap = Duration::from_millis(num("gap_ms", 1));
         let s = futures_util::stream::unfold(0u64, move |i| async move {

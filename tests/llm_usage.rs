@@ -1,0 +1,96 @@
+//! SPEC §7 usage in the audit log: from a JSON response, from the last SSE event that carries
+//! it, and recorded as `none` when the upstream reports nothing; bounded `model` metric label.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+use support::*;
+
+const KEY: &str = "pcx_usage-key-0123456789abcdefghijklmnopqrstuv";
+
+#[tokio::test]
+async fn usage_from_json_and_streams_reaches_the_audit_record() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n{}[[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nllm = true\n",
+        server_section(""),
+        key_block(
+            "phone",
+            KEY,
+            "models = [\"openai/gpt-4o-mini\", \"anthropic/*\"]"
+        ),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    let url = gw.url("/v1/chat/completions");
+    let ask = |body: serde_json::Value| c.post(&url).bearer_auth(KEY).json(&body).send();
+
+    // JSON response.
+    let r = ask(serde_json::json!({"model": "openai/gpt-4o-mini", "messages": []}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await.unwrap();
+    // Stream with include_usage: the client still sees its usage event, byte for byte.
+    let direct = c
+        .post(format!("{}/v1/chat/completions", up.url()))
+        .json(&serde_json::json!({"model": "anthropic/claude-x", "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let r = ask(serde_json::json!({"model": "anthropic/claude-x", "stream": true, "stream_options": {"include_usage": true}}))
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), direct);
+    // Stream without usage: recorded as such, never guessed.
+    let r = ask(serde_json::json!({"model": "anthropic/claude-x", "stream": true}))
+        .await
+        .unwrap();
+    let _ = r.text().await.unwrap();
+
+    let recs = gw.wait_requests(3).await;
+    assert_eq!(recs[0]["model"], "openai/gpt-4o-mini");
+    assert_eq!(
+        (
+            recs[0]["prompt_tokens"].as_u64(),
+            recs[0]["completion_tokens"].as_u64()
+        ),
+        (Some(11), Some(5))
+    );
+    assert_eq!(recs[0]["usage_source"], "upstream");
+    assert_eq!(recs[0]["cost_usd"], serde_json::Value::Null);
+    assert_eq!(recs[0]["cost_source"], serde_json::Value::Null);
+
+    assert_eq!(recs[1]["model"], "anthropic/claude-x");
+    assert_eq!(
+        (
+            recs[1]["prompt_tokens"].as_u64(),
+            recs[1]["completion_tokens"].as_u64()
+        ),
+        (Some(21), Some(3))
+    );
+    assert_eq!(recs[1]["cost_usd"], 0.00042);
+    assert_eq!(recs[1]["cost_source"], "upstream");
+
+    assert_eq!(recs[2]["usage_source"], "none");
+    assert_eq!(recs[2]["prompt_tokens"], serde_json::Value::Null);
+
+    // Metrics: exact allow-list names are labels; anything else is "other".
+    let text = c
+        .get(format!("http://{}/metrics", gw.admin_addr()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "portcullis_llm_tokens_total{route=\"bridge\",key_id=\"phone\",model=\"openai/gpt-4o-mini\",kind=\"prompt\"} 11",
+        "portcullis_llm_tokens_total{route=\"bridge\",key_id=\"phone\",model=\"other\",kind=\"completion\"} 3",
+        "portcullis_llm_cost_usd_total{key_id=\"phone\"} 0.00042",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+}
