@@ -10,7 +10,9 @@
 //! 6. CORS: preflights answered here; foreign Origin refused .. 204, 403 `origin_not_allowed`
 //! 7. API key, then scope and expiry (`auth = "key"` routes) .. 401, 403 `key_not_allowed`
 //! 8. rate limits: per-IP for the route, then per-key ......... 429 `rate_limited`
-//! 9. body cap (Content-Length up front, then mid-stream), forward with the route timeout
+//! 9. body cap (Content-Length up front, then mid-stream); on `llm` routes the body is read for
+//!    its model and a key's `models` applied (403 `model_not_allowed`); forward with the route
+//!    timeout, the response's usage noted as it streams back (SPEC §7)
 //!
 //! Per-request state lives in [`Ctx`] (client IP, request id, route, key id) rather than in
 //! request extensions: each step is a plain function of what earlier steps established, so the

@@ -1,4 +1,4 @@
-//! SIGTERM: stop accepting, let in-flight streams finish, exit 0.
+//! SIGTERM: /readyz turns 503, stop accepting, let in-flight streams finish, exit 0.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 use futures_util::StreamExt;
@@ -8,7 +8,7 @@ use support::*;
 async fn in_flight_sse_stream_completes_after_sigterm_and_exit_code_is_0() {
     let up = upstream().await;
     let config = format!(
-        "{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
         server_section(""),
         up.url()
     );
@@ -24,12 +24,31 @@ async fn in_flight_sse_stream_completes_after_sigterm_and_exit_code_is_0() {
     while !buf.windows(2).any(|w| w == b"\n\n") {
         buf.extend_from_slice(&stream.next().await.unwrap().unwrap());
     }
+    let readyz = format!("http://{}/readyz", gw.admin_addr());
+    assert_eq!(client().get(&readyz).send().await.unwrap().status(), 200);
     gw.signal("TERM");
+    // While the stream drains, readiness is withdrawn (the admin listener keeps answering).
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let s = client().get(&readyz).send().await.unwrap().status();
+        if s == 503 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz never turned 503"
+        );
+        tokio::task::yield_now().await;
+    }
     while let Some(c) = stream.next().await {
         buf.extend_from_slice(&c.unwrap());
     }
     let text = String::from_utf8(buf).unwrap();
-    assert_eq!(text.matches("\n\n").count(), 20, "{text}");
+    assert_eq!(
+        text.matches("\n\n").count(),
+        20,
+        "the stream was cut: {text}"
+    );
     assert_eq!(gw.wait_exit().await, 0);
     let out = gw.stdout.text();
     assert!(out.contains("\"event\":\"shutdown\""), "{out}");
