@@ -12,17 +12,17 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
-use lru::LruCache;
 use subtle::ConstantTimeEq;
 
 use crate::config::runtime::{Auth, Key};
 use crate::error::GatewayError;
 use crate::keys;
+use crate::rate_limit::{Entry, LOCKOUT_PARTITION, Store, Subject};
 
 /// What a request presented as its credential.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,14 +150,16 @@ impl KeyStore {
     }
 }
 
-struct Failures {
+/// One client's recent failed key checks and lockout.
+pub struct Failures {
     recent: VecDeque<Instant>,
     locked_until: Option<Instant>,
 }
 
-/// Failed-key counters and lockouts per client, bounded by `max_tracked_clients`.
+/// Failed-key counters and lockouts per client. They live in the rate limiters' store, so the
+/// two together never exceed `max_tracked_clients` entries (least recently seen evicted first).
 pub struct Lockout {
-    lru: Mutex<LruCache<IpAddr, Failures>>,
+    store: Arc<Store>,
 }
 
 /// A lockout that has just begun.
@@ -166,25 +168,19 @@ pub struct LockedOut {
     pub until: SystemTime,
 }
 
-impl Lockout {
-    pub fn new(capacity: usize) -> Lockout {
-        Lockout {
-            lru: crate::rate_limit::bounded_lru(capacity),
-        }
-    }
+fn key(who: IpAddr) -> (u32, Subject) {
+    (LOCKOUT_PARTITION, Subject::Ip(who))
+}
 
-    pub fn resize(&self, capacity: usize) {
-        crate::rate_limit::resize_lru(&self.lru, capacity);
+impl Lockout {
+    pub fn new(store: Arc<Store>) -> Lockout {
+        Lockout { store }
     }
 
     /// `Err(time left)` while `who` is locked out.
     pub fn check(&self, who: IpAddr, now: Instant) -> Result<(), Duration> {
-        let mut lru = match self.lru.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        };
-        match lru.peek_mut(&who) {
-            Some(f) => match f.locked_until {
+        self.store.with(|lru| match lru.peek_mut(&key(who)) {
+            Some(Entry::Failures(f)) => match f.locked_until {
                 Some(until) if until > now => Err(until - now),
                 Some(_) => {
                     f.locked_until = None;
@@ -193,49 +189,48 @@ impl Lockout {
                 }
                 None => Ok(()),
             },
-            None => Ok(()),
-        }
+            _ => Ok(()),
+        })
     }
 
     /// Counts a failure; returns the lockout if this one started it.
     pub fn fail(&self, who: IpAddr, now: Instant, auth: &Auth) -> Option<LockedOut> {
-        let mut lru = match self.lru.lock() {
-            Ok(l) => l,
-            Err(p) => p.into_inner(),
-        };
-        let f = lru.get_or_insert_mut(who, || Failures {
-            recent: VecDeque::new(),
-            locked_until: None,
-        });
-        while f
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > auth.lockout_window)
-        {
-            f.recent.pop_front();
-        }
-        f.recent.push_back(now);
-        if f.recent.len() > auth.lockout_failures as usize {
-            f.recent.pop_front();
-        }
-        if f.recent.len() >= auth.lockout_failures as usize
-            && f.locked_until.is_none_or(|u| u <= now)
-        {
-            f.locked_until = Some(now + auth.lockout_duration);
-            return Some(LockedOut {
-                failures: f.recent.len() as u32,
-                until: SystemTime::now() + auth.lockout_duration,
-            });
-        }
-        None
-    }
-
-    pub fn len(&self) -> usize {
-        self.lru.lock().map(|l| l.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.store.with(|lru| {
+            let fresh = || {
+                Entry::Failures(Failures {
+                    recent: VecDeque::new(),
+                    locked_until: None,
+                })
+            };
+            let entry = lru.get_or_insert_mut(key(who), fresh);
+            if !matches!(entry, Entry::Failures(_)) {
+                *entry = fresh();
+            }
+            let Entry::Failures(f) = entry else {
+                return None;
+            };
+            while f
+                .recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > auth.lockout_window)
+            {
+                f.recent.pop_front();
+            }
+            f.recent.push_back(now);
+            if f.recent.len() > auth.lockout_failures as usize {
+                f.recent.pop_front();
+            }
+            if f.recent.len() >= auth.lockout_failures as usize
+                && f.locked_until.is_none_or(|u| u <= now)
+            {
+                f.locked_until = Some(now + auth.lockout_duration);
+                return Some(LockedOut {
+                    failures: f.recent.len() as u32,
+                    until: SystemTime::now() + auth.lockout_duration,
+                });
+            }
+            None
+        })
     }
 }
 
@@ -351,7 +346,7 @@ mod tests {
     #[test]
     fn lockout_after_n_failures_and_it_ends() {
         let a = auth(None);
-        let l = Lockout::new(10);
+        let l = Lockout::new(Arc::new(Store::new(10)));
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let t0 = Instant::now();
         assert!(l.fail(ip, t0, &a).is_none());
@@ -368,9 +363,27 @@ mod tests {
     }
 
     #[test]
+    fn lockout_and_limiter_state_share_one_bound() {
+        let reg = crate::rate_limit::Registry::new(10);
+        let l = Lockout::new(reg.store_arc());
+        let lim = reg
+            .get(crate::rate_limit::LimiterId::DefaultKey {
+                rate: crate::config::units::Rate::parse("5/min").unwrap(),
+            })
+            .unwrap();
+        let a = auth(None);
+        for i in 0..50u32 {
+            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
+            l.fail(ip, Instant::now(), &a);
+            let _ = lim.check(&Subject::Ip(ip));
+        }
+        assert_eq!(reg.store().len(), 10);
+    }
+
+    #[test]
     fn failures_outside_the_window_do_not_add_up() {
         let a = auth(None);
-        let l = Lockout::new(10);
+        let l = Lockout::new(Arc::new(Store::new(10)));
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let t0 = Instant::now();
         l.fail(ip, t0, &a);

@@ -109,7 +109,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let serve = Arc::new(server::Serve {
         semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
         shared: Arc::new(Shared {
-            lockout: auth::Lockout::new(cfg.limits.max_tracked_clients),
+            lockout: auth::Lockout::new(limiters.store_arc()),
             live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
             limiters,
             forwarder: proxy::Forwarder::new(),
@@ -264,7 +264,6 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
                 ));
             }
         }
-        serve.shared.lockout.resize(cfg.limits.max_tracked_clients);
         serve
             .shared
             .live

@@ -35,9 +35,21 @@ pub enum Subject {
     Key(Arc<str>),
 }
 
-/// The shared, bounded GCRA state: (limiter partition, subject) -> theoretical arrival time.
+/// What the shared store holds for one (partition, subject).
+pub enum Entry {
+    /// A limiter's GCRA theoretical arrival time.
+    Tat(Nanos),
+    /// Failed key checks and lockout of one client (partition [`LOCKOUT_PARTITION`]).
+    Failures(crate::auth::Failures),
+}
+
+/// The partition of the store that lockout state uses (limiters count up from 0).
+pub const LOCKOUT_PARTITION: u32 = u32::MAX;
+
+/// The shared, bounded client state of every limiter *and* the lockout: SPEC §3.4 bounds the two
+/// together by `max_tracked_clients` entries.
 pub struct Store {
-    lru: Mutex<LruCache<(u32, Subject), Nanos>>,
+    lru: Mutex<LruCache<(u32, Subject), Entry>>,
 }
 
 /// An LRU map holding at most `capacity` entries (at least one).
@@ -71,6 +83,15 @@ impl Store {
         self.lru.lock().map(|l| l.len()).unwrap_or(0)
     }
 
+    /// Runs `f` with the map locked (no await inside: the lock is a std mutex).
+    pub fn with<R>(&self, f: impl FnOnce(&mut LruCache<(u32, Subject), Entry>) -> R) -> R {
+        let mut lru = match self.lru.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        f(&mut lru)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -90,15 +111,16 @@ impl StateStore for Partition {
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
         // The lock is held only for the GCRA arithmetic: no await, no I/O.
-        let mut lru = match self.store.lru.lock() {
-            Ok(l) => l,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let k = (self.id, key.clone());
-        let prev = lru.get(&k).copied();
-        let (t, next) = f(prev)?;
-        lru.put(k, next);
-        Ok(t)
+        self.store.with(|lru| {
+            let k = (self.id, key.clone());
+            let prev = match lru.get(&k) {
+                Some(Entry::Tat(n)) => Some(*n),
+                _ => None,
+            };
+            let (t, next) = f(prev)?;
+            lru.put(k, Entry::Tat(next));
+            Ok(t)
+        })
     }
 }
 
@@ -166,6 +188,11 @@ impl Registry {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The store, for the lockout state that shares its bound.
+    pub fn store_arc(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// The limiter for `id`, reusing the existing one if the id (and so the rate) is unchanged.
