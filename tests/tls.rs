@@ -1,0 +1,114 @@
+//! TLS termination (SPEC §2 `[tls]`): TLS 1.2 and 1.3 are served, and with `client_ca` set, only clients
+//! presenting a certificate signed by that CA get through.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn roots(pem: &str) -> rustls::RootCertStore {
+    let mut r = rustls::RootCertStore::empty();
+    r.add(CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+        .unwrap();
+    r
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// One HTTP/1.1 GET over TLS with `cfg`; the status, or the error that stopped it.
+async fn get(addr: std::net::SocketAddr, cfg: rustls::ClientConfig) -> Result<u16, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out);
+    Ok(status_of(&text))
+}
+
+#[tokio::test]
+async fn client_certificates_are_required_when_client_ca_is_set() {
+    let up = upstream().await;
+    let p = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("clients-ca.pem");
+    std::fs::write(&ca, &p.ca_pem).unwrap();
+    let config = format!(
+        "{}{}client_ca = \"{}\"\n[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section(""),
+        p.tls_section(dir.path()),
+        ca.display(),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let base = || {
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots(&p.ca_pem))
+    };
+
+    // Without a client certificate: refused during the handshake (TLS 1.3 reports it on first read).
+    let r = get(gw.addr, base().with_no_client_auth()).await;
+    assert!(r.is_err(), "served without a client certificate: {r:?}");
+
+    // With a certificate from another CA: refused.
+    let other = pki();
+    let cfg = base()
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(other.client_cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(other.client_key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let r = get(gw.addr, cfg).await;
+    assert!(
+        r.is_err(),
+        "served with a foreign client certificate: {r:?}"
+    );
+
+    // With a certificate signed by client_ca: served.
+    let cfg = base()
+        .with_client_auth_cert(
+            vec![CertificateDer::from_pem_slice(p.client_cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(p.client_key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(get(gw.addr, cfg).await, Ok(200));
+    assert_eq!(up.targets(), ["/x"]);
+}
+
+#[tokio::test]
+async fn tls_1_2_and_1_3_are_served_and_plaintext_is_not() {
+    let up = upstream().await;
+    let p = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section(""),
+        p.tls_section(dir.path()),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    // Pin 1.2 and 1.3 in turn (the server is built with exactly these two versions).
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots(&p.ca_pem))
+            .with_no_client_auth();
+        assert_eq!(get(gw.addr, cfg).await, Ok(200), "{version:?}");
+    }
+    // A plaintext request on the TLS port is not served.
+    let (status, _) = raw_get(gw.addr, "/x").await;
+    assert_ne!(status, 200);
+}
