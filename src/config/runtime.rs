@@ -203,10 +203,13 @@ fn plain(s: &str, path: &str, env: &dyn Env) -> Result<String, Invalid> {
         .map_err(|m| invalid(path, m))
 }
 
-fn cidrs(list: &[String], path: &str) -> Result<Vec<IpNet>, Invalid> {
+fn cidrs(list: &[String], path: &str, env: &dyn Env) -> Result<Vec<IpNet>, Invalid> {
     list.iter()
         .enumerate()
-        .map(|(i, s)| parse_cidr(s).map_err(|m| invalid(format!("{path}[{i}]"), m)))
+        .map(|(i, s)| {
+            let p = format!("{path}[{i}]");
+            parse_cidr(&plain(s, &p, env)?).map_err(|m| invalid(p, m))
+        })
         .collect()
 }
 
@@ -391,7 +394,7 @@ impl Config {
 
         let server = Server {
             listen,
-            trusted_proxies: cidrs(&s.trusted_proxies, "server.trusted_proxies")?,
+            trusted_proxies: cidrs(&s.trusted_proxies, "server.trusted_proxies", env)?,
             max_body: s.max_body.0,
             header_timeout: s.header_timeout.0,
             request_timeout: s.request_timeout.0,
@@ -439,7 +442,8 @@ impl Config {
         for (i, h) in a.headers.iter().enumerate() {
             headers.push(parse_header_name(h, &format!("auth.headers[{i}]"))?);
         }
-        let query_param = a.query_param.trim();
+        let query_param = plain(&a.query_param, "auth.query_param", env)?;
+        let query_param = query_param.trim();
         if query_param.contains(['&', '=', '#', ' ']) {
             return Err(invalid(
                 "auth.query_param",
@@ -472,6 +476,7 @@ impl Config {
                 }
                 let mut origins = Vec::new();
                 for (i, o) in c.allowed_origins.iter().enumerate() {
+                    let o = plain(o, &format!("cors.allowed_origins[{i}]"), env)?;
                     let o = o.trim();
                     if o == "*" {
                         continue;
@@ -555,7 +560,8 @@ impl Config {
             if !ids.insert(id.to_owned()) {
                 return Err(invalid(p("id"), format!("duplicate key id {id:?}")));
             }
-            let hash = parse_hash(k.hash.trim(), &p("hash"))?;
+            // A hash is no secret (the key has 256 bits), but it may come from a file all the same.
+            let hash = parse_hash(plain(&k.hash, &p("hash"), env)?.trim(), &p("hash"))?;
             if !hashes.insert(hash) {
                 return Err(invalid(p("hash"), "the same key hash appears twice"));
             }
@@ -571,12 +577,18 @@ impl Config {
             }
             let expires = match &k.expires {
                 None => None,
-                Some(e) => Some(humantime::parse_rfc3339(e.trim()).map_err(|_| {
-                    invalid(
-                        p("expires"),
-                        format!("invalid RFC 3339 time {e:?}, e.g. \"2027-01-01T00:00:00Z\""),
-                    )
-                })?),
+                Some(e) => Some(
+                    humantime::parse_rfc3339(plain(e, &p("expires"), env)?.trim()).map_err(
+                        |_| {
+                            invalid(
+                                p("expires"),
+                                format!(
+                                    "invalid RFC 3339 time {e:?}, e.g. \"2027-01-01T00:00:00Z\""
+                                ),
+                            )
+                        },
+                    )?,
+                ),
             };
             let models = match &k.models {
                 None => None,
@@ -655,7 +667,8 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
             }
             e
         })?;
-    let host = r.host.trim();
+    let host = plain(&r.host, &p("host"), env)?;
+    let host = host.trim();
     let mut upstream_headers = Vec::new();
     for (hname, hval) in &r.upstream_headers {
         let path = format!("routes[{i}].upstream_headers.{hname}");
@@ -696,8 +709,8 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         per_key: r.per_key,
         max_body: r.max_body.map(|b| b.0).unwrap_or(server.max_body),
         timeout,
-        allow_ips: cidrs(&r.allow_ips, &p("allow_ips"))?,
-        deny_ips: cidrs(&r.deny_ips, &p("deny_ips"))?,
+        allow_ips: cidrs(&r.allow_ips, &p("allow_ips"), env)?,
+        deny_ips: cidrs(&r.deny_ips, &p("deny_ips"), env)?,
         websocket: r.websocket,
         llm: r.llm,
         upstream_headers,
