@@ -235,11 +235,9 @@ fn admin_token_resolving_to_empty_is_refused() {
 #[test]
 fn secret_references_resolve_in_value_strings() {
     let hash = format!("sha256:{}", "ef".repeat(32));
-    let cfg = format!(
-        "[server]\nlisten = \"${{LISTEN}}\"\ntrusted_proxies = [\"${{PROXY}}\"]\n\
-         [[keys]]\nid = \"phone\"\nhash = \"${{PHONE_HASH}}\"\nexpires = \"${{PHONE_EXPIRES}}\"\n\
-         [[routes]]\nname = \"api\"\npath = \"/v1/\"\nhost = \"${{API_HOST}}\"\nupstream = \"http://${{UP_ADDR}}\"\n"
-    );
+    let cfg = "[server]\nlisten = \"${LISTEN}\"\ntrusted_proxies = [\"${PROXY}\"]\n\
+         [[keys]]\nid = \"phone\"\nhash = \"${PHONE_HASH}\"\nexpires = \"${PHONE_EXPIRES}\"\n\
+         [[routes]]\nname = \"api\"\npath = \"/v1/\"\nhost = \"${API_HOST}\"\nupstream = \"http://${UP_ADDR}\"\n";
     let env = [
         ("LISTEN", "127.0.0.1:9555"),
         ("PROXY", "10.0.0.0/8"),
@@ -248,7 +246,7 @@ fn secret_references_resolve_in_value_strings() {
         ("API_HOST", "api.example"),
         ("UP_ADDR", "127.0.0.1:8000"),
     ];
-    let (code, out, err) = check(&cfg, &env);
+    let (code, out, err) = check(cfg, &env);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("127.0.0.1:9555") && out.contains("host=api.example") && out.contains("phone"),
@@ -256,7 +254,7 @@ fn secret_references_resolve_in_value_strings() {
     );
     // A reference that resolves to nothing valid names the field, not the value.
     let (code, _, err) = check(
-        &cfg,
+        cfg,
         &[
             ("PROXY", "not-a-cidr"),
             ("LISTEN", "127.0.0.1:0"),
