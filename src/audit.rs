@@ -174,7 +174,7 @@ pub struct RecordGuard {
     pub slot: Option<Slot>,
     /// On `llm` routes: the model asked for, where the response's usage lands, and the metrics
     /// label for the model (bounded).
-    pub llm: Option<(Option<String>, crate::llm::usage::UsageSlot, String)>,
+    pub llm: Option<crate::llm::usage::LlmAudit>,
     pub record: RequestRecord,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
@@ -186,17 +186,19 @@ impl Drop for RecordGuard {
         self.record.ts = now_rfc3339();
         self.record.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         self.record.bytes_out = self.bytes_out.load(Ordering::Relaxed);
-        if let Some((model, usage, label)) = self.llm.take() {
-            let usage = usage.lock().ok().and_then(|u| *u);
+        if let Some(llm) = self.llm.take() {
+            let usage = llm.usage.lock().ok().and_then(|u| *u);
+            let rec = crate::llm::usage::LlmRecord::new(llm.model, usage, llm.price);
             if let Some(u) = usage {
                 crate::metrics::llm_usage(
                     self.record.route.as_deref().unwrap_or("none"),
                     self.record.key_id.as_deref().unwrap_or("none"),
-                    label,
+                    llm.label,
                     &u,
+                    rec.cost_usd,
                 );
             }
-            self.record.llm = Some(crate::llm::usage::LlmRecord::new(model, usage));
+            self.record.llm = Some(rec);
         }
         let elapsed = self.start.elapsed();
         self.record.duration_ms = ms(elapsed);

@@ -81,16 +81,23 @@ impl Live {
         }
     }
 
-    /// The metrics label for a model: its name when some key's allow-list names it exactly, else
-    /// `other`, so clients cannot blow up label cardinality (SPEC §7).
+    /// The metrics label for a model: its name when some key's allow-list names it exactly or the
+    /// price table lists it, else `other`, so clients cannot blow up label cardinality (SPEC §7).
     pub fn model_label(&self, model: Option<&str>) -> String {
         use crate::llm::request::ModelPattern;
+        let priced = |m: &str| {
+            self.config
+                .usage
+                .as_ref()
+                .is_some_and(|u| u.prices.contains_key(m))
+        };
         let named = model.is_some_and(|m| {
-            self.config.keys.iter().any(|k| {
-                k.models
-                    .as_ref()
-                    .is_some_and(|ps| ps.iter().any(|p| *p == ModelPattern::Exact(m.to_owned())))
-            })
+            priced(m)
+                || self.config.keys.iter().any(|k| {
+                    k.models.as_ref().is_some_and(|ps| {
+                        ps.iter().any(|p| *p == ModelPattern::Exact(m.to_owned()))
+                    })
+                })
         });
         match model {
             Some(m) if named => m.to_owned(),

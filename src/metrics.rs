@@ -102,7 +102,13 @@ pub fn reload(result: &'static str) {
 }
 
 /// `model` must already be bounded: a name from a key's allow-list, or "other".
-pub fn llm_usage(route: &str, key_id: &str, model: String, u: &crate::llm::usage::Usage) {
+pub fn llm_usage(
+    route: &str,
+    key_id: &str,
+    model: String,
+    u: &crate::llm::usage::Usage,
+    cost: Option<f64>,
+) {
     for (kind, n) in [
         ("prompt", u.prompt_tokens),
         ("completion", u.completion_tokens),
@@ -110,7 +116,7 @@ pub fn llm_usage(route: &str, key_id: &str, model: String, u: &crate::llm::usage
         counter!("portcullis_llm_tokens_total", "route" => route.to_owned(), "key_id" => key_id.to_owned(), "model" => model.clone(), "kind" => kind)
             .increment(n);
     }
-    if let Some(c) = u.cost {
+    if let Some(c) = cost {
         // The `metrics` counters count integers; a monotonically increased gauge carries the
         // fractional dollar total (exported under the SPEC's name).
         gauge!("portcullis_llm_cost_usd_total", "key_id" => key_id.to_owned()).increment(c);

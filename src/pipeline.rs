@@ -94,8 +94,10 @@ struct Ctx {
     slot: Option<crate::audit::Slot>,
     /// Keeps the connection counted as busy (and its slot taken) until the response ends.
     active: Option<Active>,
-    /// On `llm` routes, once the request body was read: the model, and where usage will land.
-    llm: Option<(Option<String>, crate::llm::usage::UsageSlot)>,
+    /// On `llm` routes, once the request body was read: the model, where usage will land, and
+    /// whether the gateway injected `include_usage` (then the usage-only event is not the
+    /// client's and is removed from the stream).
+    llm: Option<(Option<String>, crate::llm::usage::UsageSlot, bool)>,
 }
 
 /// The hyper service entry point. Never fails: every error becomes a SPEC response.
@@ -266,18 +268,27 @@ async fn process(
     if route.llm {
         let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
         let mut model = None;
+        let mut injected = false;
         let req = if http_body::Body::is_end_stream(req.body()) {
             req.map(ClientBody::Streaming)
         } else {
-            let (parts, incoming) = req.into_parts();
-            let bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
+            let (mut parts, incoming) = req.into_parts();
+            let mut bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
             match allowed {
                 Some(allowed) => model = crate::llm::request::check_models(allowed, &bytes)?.model,
                 None => model = crate::llm::request::inspect(&bytes).and_then(|i| i.model),
             }
+            if cfg.usage.as_ref().is_some_and(|u| u.inject_stream_usage)
+                && let Some(rewritten) = crate::llm::request::inject_include_usage(&bytes)
+            {
+                bytes = bytes::Bytes::from(rewritten);
+                injected = true;
+            }
+            // The body is sent whole; its length is the gateway's to state, not the client's.
+            parts.headers.remove(header::CONTENT_LENGTH);
             Request::from_parts(parts, ClientBody::Buffered(bytes))
         };
-        ctx.llm = Some((model, crate::llm::usage::UsageSlot::default()));
+        ctx.llm = Some((model, crate::llm::usage::UsageSlot::default(), injected));
         return forward(shared, cfg, conn, ctx, route, &path, req).await;
     }
     forward(
@@ -645,13 +656,16 @@ async fn forward(
     };
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
     crate::metrics::upstream(&route.name, sent.elapsed());
-    if let Some((_, usage)) = &ctx.llm {
+    if let Some((_, usage, injected)) = &ctx.llm {
         let sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let (parts, incoming) = resp.into_parts();
-        let tapped = crate::llm::usage::UsageTap::new(incoming, sse, usage.clone());
+        let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, usage.clone());
+        if *injected && sse {
+            tapped = tapped.strip_usage_event();
+        }
         let resp = Response::from_parts(parts, tapped);
         let (mut parts, b) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
@@ -708,7 +722,12 @@ fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static s
         llm: ctx
             .llm
             .as_ref()
-            .map(|(model, usage)| (model.clone(), usage.clone(), String::new())),
+            .map(|(model, usage, _)| crate::llm::usage::LlmAudit {
+                model: model.clone(),
+                usage: usage.clone(),
+                label: String::new(),
+                price: None,
+            }),
     }
 }
 
@@ -756,8 +775,12 @@ fn finish(
         return Response::from_parts(parts, body);
     }
     let mut record = record_guard(shared, ctx, parts.status.as_u16(), outcome);
-    if let Some((model, _, label)) = &mut record.llm {
-        *label = live.model_label(model.as_deref());
+    if let Some(llm) = &mut record.llm {
+        llm.label = live.model_label(llm.model.as_deref());
+        llm.price = llm
+            .model
+            .as_deref()
+            .and_then(|m| live.config.usage.as_ref()?.prices.get(m).copied());
     }
     // The connection counts as busy (for idle_timeout) until this response body has ended.
     let guard = (record, ctx.active.take());

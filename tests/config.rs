@@ -264,3 +264,22 @@ fn secret_references_resolve_in_value_strings() {
     assert_eq!(code, 1);
     assert!(err.contains("server.trusted_proxies[0]"), "{err}");
 }
+
+#[test]
+fn usage_ledger_keys_are_refused_until_implemented() {
+    refused(
+        &format!("[usage]\ndatabase = \"/tmp/usage.db\"\n{ROUTE}"),
+        &[],
+        &["usage.database", "not implemented"],
+    );
+    refused(
+        &format!("[budgets]\ncost_per_day = 5.0\n{ROUTE}"),
+        &[],
+        &["unknown field `budgets`"],
+    );
+    refused(
+        &format!("[usage.prices.\"m\"]\ninput = -1.0\noutput = 0.5\n{ROUTE}"),
+        &[],
+        &["usage.prices.m", "non-negative"],
+    );
+}

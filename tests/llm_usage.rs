@@ -94,3 +94,71 @@ async fn usage_from_json_and_streams_reaches_the_audit_record() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn injected_stream_usage_is_counted_and_invisible_to_the_client() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[usage]\ninject_stream_usage = true\n[usage.prices.\"openai/gpt-4o-mini\"]\ninput = 0.15\noutput = 0.60\n{}\
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nllm = true\n",
+        server_section(""),
+        key_block("phone", KEY, ""),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    let stream_req =
+        serde_json::json!({"model": "anthropic/claude-x", "stream": true, "messages": []});
+    // What the client would get from the upstream directly for the request it sent.
+    let direct = c
+        .post(format!("{}/v1/chat/completions", up.url()))
+        .json(&stream_req)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!direct.contains("usage"));
+    let via = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&stream_req)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(via, direct, "the client sees exactly what it asked for");
+    // The upstream was asked for usage on the gateway's behalf.
+    let seen = up.seen();
+    assert_eq!(seen.len(), 2);
+
+    // A JSON answer without a cost, for a priced model: cost from [usage.prices].
+    let r = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({"model": "openai/gpt-4o-mini", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    let _ = r.text().await.unwrap();
+
+    let recs = gw.wait_requests(2).await;
+    assert_eq!(recs[0]["usage_source"], "upstream", "{}", recs[0]);
+    assert_eq!(
+        (
+            recs[0]["prompt_tokens"].as_u64(),
+            recs[0]["completion_tokens"].as_u64()
+        ),
+        (Some(21), Some(3))
+    );
+    assert_eq!(recs[0]["cost_source"], "upstream");
+    assert_eq!(recs[1]["cost_source"], "prices");
+    let cost = recs[1]["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (11.0 * 0.15 + 5.0 * 0.60) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+}

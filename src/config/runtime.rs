@@ -32,6 +32,15 @@ pub struct Config {
     pub limits: Limits,
     pub keys: Vec<Key>,
     pub routes: Vec<Route>,
+    pub usage: Option<UsageSettings>,
+}
+
+/// `[usage]`, as far as it is implemented: stream-usage injection and prices.
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    pub inject_stream_usage: bool,
+    /// Model -> (input, output) USD per million tokens.
+    pub prices: std::collections::HashMap<String, (f64, f64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -614,7 +623,49 @@ impl Config {
             });
         }
 
+        let usage = match &raw.usage {
+            None => None,
+            Some(u) => {
+                // Refused by name until the ledger lands (issue 7), so no one runs a config that
+                // asks for a ledger or reservations believing it has them.
+                let not_yet = |key: &str| {
+                    invalid(
+                        format!("usage.{key}"),
+                        "the usage ledger and budgets are not implemented in this version; remove this key",
+                    )
+                };
+                if u.database.is_some() {
+                    return Err(not_yet("database"));
+                }
+                if u.retention.is_some() {
+                    return Err(not_yet("retention"));
+                }
+                if u.default_completion_reservation.is_some() {
+                    return Err(not_yet("default_completion_reservation"));
+                }
+                let mut prices = std::collections::HashMap::new();
+                for (model, p) in &u.prices {
+                    if !(p.input.is_finite()
+                        && p.output.is_finite()
+                        && p.input >= 0.0
+                        && p.output >= 0.0)
+                    {
+                        return Err(invalid(
+                            format!("usage.prices.{model}"),
+                            "prices must be non-negative numbers (USD per million tokens)",
+                        ));
+                    }
+                    prices.insert(model.clone(), (p.input, p.output));
+                }
+                Some(UsageSettings {
+                    inject_stream_usage: u.inject_stream_usage,
+                    prices,
+                })
+            }
+        };
+
         Ok(Config {
+            usage,
             server,
             tls,
             admin,

@@ -30,6 +30,33 @@ pub struct RawConfig {
     pub keys: Vec<RawKey>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    pub usage: Option<RawUsage>,
+}
+
+/// `[usage]` (SPEC §7). The ledger keys are read so that they can be refused by name until the
+/// ledger exists: a config that asks for one must not start as if it had it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUsage {
+    pub database: Option<String>,
+    pub retention: Option<ConfDuration>,
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
+    pub default_completion_reservation: Option<u64>,
+    #[serde(default)]
+    pub prices: BTreeMap<String, RawPrice>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// USD per million tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrice {
+    pub input: f64,
+    pub output: f64,
 }
 
 #[derive(Debug, Deserialize)]

@@ -49,6 +49,26 @@ pub fn inspect(body: &[u8]) -> Option<Inspected> {
     })
 }
 
+/// SPEC §7 `inject_stream_usage`: a streamed request that did not ask for
+/// `stream_options.include_usage` gets it added. Returns the rewritten body, or `None` when the
+/// request is not a stream or already asks for usage (then it is forwarded as sent).
+pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let obj = v.as_object_mut()?;
+    if obj.get("stream").and_then(|s| s.as_bool()) != Some(true) {
+        return None;
+    }
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+    let opts = opts.as_object_mut()?;
+    if opts.get("include_usage").and_then(|u| u.as_bool()) == Some(true) {
+        return None;
+    }
+    opts.insert("include_usage".to_owned(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok()
+}
+
 /// Applies a key's allow-list to a request body: 400 when the body is not JSON, 403
 /// `model_not_allowed` when the model is missing or not listed.
 pub fn check_models(allowed: &[ModelPattern], body: &[u8]) -> Result<Inspected, GatewayError> {
@@ -102,6 +122,31 @@ mod tests {
         );
         let ins = check_models(&allowed, b"{\"model\":\"anthropic/x\",\"stream\":true}").unwrap();
         assert!(ins.stream);
+    }
+
+    #[test]
+    fn injection_only_where_the_client_did_not_ask() {
+        let out = inject_include_usage(br#"{"model":"m","stream":true}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        let out = inject_include_usage(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (
+                v["stream_options"]["x"].as_u64(),
+                v["stream_options"]["include_usage"].as_bool()
+            ),
+            (Some(1), Some(true))
+        );
+        assert!(
+            inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#)
+                .is_none()
+        );
+        assert!(inject_include_usage(br#"{"stream":false}"#).is_none());
+        assert!(inject_include_usage(br#"{"model":"m"}"#).is_none());
+        assert!(inject_include_usage(b"[1,2]").is_none());
+        assert!(inject_include_usage(b"nope").is_none());
     }
 
     #[test]

@@ -35,6 +35,16 @@ impl Scanner {
     /// Feeds one chunk. `on_event(data, end)` is called for every event that completes in it,
     /// with the byte offset in `chunk` just past the event's terminating blank line.
     pub fn feed(&mut self, chunk: &[u8], mut on_event: impl FnMut(&[u8], usize)) {
+        self.feed_blocks(chunk, |data, end| {
+            if let Some(d) = data {
+                on_event(d, end)
+            }
+        })
+    }
+
+    /// Like [`feed`](Self::feed), but called at *every* blank line, with the event's data when it
+    /// has any (comments and empty blocks give `None`): the boundaries a filter can cut at.
+    pub fn feed_blocks(&mut self, chunk: &[u8], mut on_event: impl FnMut(Option<&[u8]>, usize)) {
         let mut input = chunk;
         let mut base = 0;
         if !self.bom_checked && !chunk.is_empty() {
@@ -70,11 +80,13 @@ impl Scanner {
         }
     }
 
-    fn end_line(&mut self, at: usize, on_event: &mut impl FnMut(&[u8], usize)) {
+    fn end_line(&mut self, at: usize, on_event: &mut impl FnMut(Option<&[u8]>, usize)) {
         if self.line.is_empty() {
             // Blank line: dispatch.
             if self.has_data && !self.oversized {
-                on_event(&self.data, at);
+                on_event(Some(&self.data), at);
+            } else {
+                on_event(None, at);
             }
             self.data.clear();
             self.has_data = false;

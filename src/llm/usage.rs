@@ -53,23 +53,51 @@ pub struct LlmRecord {
 }
 
 impl LlmRecord {
-    pub fn new(model: Option<String>, usage: Option<Usage>) -> LlmRecord {
+    /// `price`: the model's `[usage.prices]` entry (USD per million input, output tokens), used
+    /// when the upstream reports no cost of its own.
+    pub fn new(
+        model: Option<String>,
+        usage: Option<Usage>,
+        price: Option<(f64, f64)>,
+    ) -> LlmRecord {
         match usage {
             None => LlmRecord {
                 model,
                 usage_source: "none",
                 ..LlmRecord::default()
             },
-            Some(u) => LlmRecord {
-                model,
-                prompt_tokens: Some(u.prompt_tokens),
-                completion_tokens: Some(u.completion_tokens),
-                cost_usd: u.cost,
-                usage_source: "upstream",
-                cost_source: u.cost.map(|_| "upstream"),
-            },
+            Some(u) => {
+                let (cost_usd, cost_source) = match (u.cost, price) {
+                    (Some(c), _) => (Some(c), Some("upstream")),
+                    (None, Some((input, output))) => (
+                        Some(
+                            (u.prompt_tokens as f64 * input + u.completion_tokens as f64 * output)
+                                / 1e6,
+                        ),
+                        Some("prices"),
+                    ),
+                    (None, None) => (None, None),
+                };
+                LlmRecord {
+                    model,
+                    prompt_tokens: Some(u.prompt_tokens),
+                    completion_tokens: Some(u.completion_tokens),
+                    cost_usd,
+                    usage_source: "upstream",
+                    cost_source,
+                }
+            }
         }
     }
+}
+
+/// What a `request` record on an `llm` route needs at the end of the response.
+pub struct LlmAudit {
+    pub model: Option<String>,
+    pub usage: UsageSlot,
+    /// The bounded metrics label for the model.
+    pub label: String,
+    pub price: Option<(f64, f64)>,
 }
 
 /// Where a tapped body leaves the usage it found, for the audit record.
@@ -80,14 +108,31 @@ enum Mode {
     Json(Vec<u8>, bool),
 }
 
+/// True for the usage-only chunk that `stream_options.include_usage` makes an OpenAI-style
+/// upstream send last: `"choices": []` and a `usage` object.
+fn is_usage_only(v: &serde_json::Value) -> bool {
+    v.get("choices")
+        .and_then(|c| c.as_array())
+        .is_some_and(|c| c.is_empty())
+        && v.get("usage").is_some_and(|u| u.is_object())
+}
+
 pin_project_lite::pin_project! {
-    /// A response body that passes every frame on unchanged and notes the usage it carries.
+    /// A response body that notes the usage it carries. Frames pass on unchanged, except, when
+    /// `strip` is set (the gateway itself asked for stream usage), the usage-only SSE event the
+    /// client never asked for: then each event is passed on as soon as it is complete, and only
+    /// that one is left out.
     pub struct UsageTap<B> {
         #[pin]
         inner: B,
         mode: Mode,
         found: Option<Usage>,
         slot: UsageSlot,
+        strip: bool,
+        // strip only: bytes of the event not yet complete; and when the last block ended in CR,
+        // whether an LF right after it (the rest of its CRLF) is to be emitted or dropped with it.
+        pending: Vec<u8>,
+        carry: Option<bool>,
     }
 }
 
@@ -102,7 +147,16 @@ impl<B> UsageTap<B> {
             },
             found: None,
             slot,
+            strip: false,
+            pending: Vec::new(),
+            carry: None,
         }
+    }
+
+    /// Leaves out the usage-only event (for streams where the gateway injected include_usage).
+    pub fn strip_usage_event(mut self) -> Self {
+        self.strip = true;
+        self
     }
 }
 
@@ -128,50 +182,136 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let mut inner = this.inner;
-        let r = inner.as_mut().poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    match this.mode {
-                        Mode::Sse(scanner) => {
-                            let found = &mut *this.found;
-                            scanner.feed(data, |event, _| {
-                                // Cheap pre-check: most events carry no usage at all.
-                                if event.windows(7).any(|w| w == b"\"usage\"")
-                                    && let Ok(v) =
-                                        serde_json::from_slice::<serde_json::Value>(event)
-                                    && let Some(u) = from_json(&v)
-                                {
-                                    *found = Some(u);
+        loop {
+            let r = inner.as_mut().poll_frame(cx);
+            let frame = match r {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(None) => {
+                    finish(this.mode, this.found, this.slot);
+                    if !this.pending.is_empty() {
+                        // An unterminated last event: pass it on as it came.
+                        let rest = std::mem::take(this.pending);
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                    }
+                    return Poll::Ready(None);
+                }
+                other => return other,
+            };
+            let Some(data) = frame.data_ref() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let mut out: Option<Vec<u8>> = None;
+            match this.mode {
+                Mode::Sse(scanner) => {
+                    let found = &mut *this.found;
+                    if *this.strip {
+                        let pending = &mut *this.pending;
+                        let carry = &mut *this.carry;
+                        let mut emit = Vec::with_capacity(data.len() + pending.len());
+                        let mut start = 0;
+                        // The LF finishing a CRLF that ended the previous block belongs to it.
+                        fn settle_lf(
+                            carry: &mut Option<bool>,
+                            block: &mut &[u8],
+                            emit: &mut Vec<u8>,
+                            pending: &[u8],
+                        ) {
+                            if pending.is_empty()
+                                && let Some(keep) = carry.take()
+                                && block.first() == Some(&b'\n')
+                            {
+                                if keep {
+                                    emit.push(b'\n');
                                 }
-                            });
-                        }
-                        Mode::Json(buf, overflow) => {
-                            if buf.len() + data.len() > MAX_PARSED {
-                                *overflow = true;
-                                *buf = Vec::new();
-                            } else if !*overflow {
-                                buf.extend_from_slice(data);
+                                *block = &block[1..];
                             }
                         }
+                        let mut ends = Vec::new();
+                        scanner.feed_blocks(data, |event, end| {
+                            let mut drop_it = false;
+                            if let Some(event) = event
+                                && event.windows(7).any(|w| w == b"\"usage\"")
+                                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
+                            {
+                                if let Some(u) = from_json(&v) {
+                                    *found = Some(u);
+                                }
+                                drop_it = is_usage_only(&v);
+                            }
+                            ends.push((end, drop_it));
+                        });
+                        for (end, drop_it) in ends {
+                            let mut block = &data[start..end];
+                            settle_lf(carry, &mut block, &mut emit, pending);
+                            if drop_it {
+                                pending.clear();
+                            } else {
+                                emit.append(pending);
+                                emit.extend_from_slice(block);
+                            }
+                            *carry = (data[end - 1] == b'\r').then_some(!drop_it);
+                            start = end;
+                        }
+                        let mut rest = &data[start..];
+                        if !rest.is_empty() {
+                            settle_lf(carry, &mut rest, &mut emit, pending);
+                        }
+                        pending.extend_from_slice(rest);
+                        // Bound the held-back bytes: an event this large passes on unfiltered.
+                        if pending.len() > MAX_PARSED {
+                            emit.append(pending);
+                        }
+                        out = Some(emit);
+                    } else {
+                        scanner.feed(data, |event, _| {
+                            // Cheap pre-check: most events carry no usage at all.
+                            if event.windows(7).any(|w| w == b"\"usage\"")
+                                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
+                                && let Some(u) = from_json(&v)
+                            {
+                                *found = Some(u);
+                            }
+                        });
                     }
                 }
-                // A body of known length may never be polled to `None`: its last frame ends it.
-                if inner.is_end_stream() {
-                    finish(this.mode, this.found, this.slot);
+                Mode::Json(buf, overflow) => {
+                    if buf.len() + data.len() > MAX_PARSED {
+                        *overflow = true;
+                        *buf = Vec::new();
+                    } else if !*overflow {
+                        buf.extend_from_slice(data);
+                    }
                 }
             }
-            Poll::Ready(None) => finish(this.mode, this.found, this.slot),
-            _ => {}
+            // A body of known length may never be polled to `None`: its last frame ends it.
+            let ended = inner.is_end_stream();
+            if ended {
+                finish(this.mode, this.found, this.slot);
+            }
+            match out {
+                None => return Poll::Ready(Some(Ok(frame))),
+                Some(mut bytes) => {
+                    if ended && !this.pending.is_empty() {
+                        bytes.append(this.pending);
+                    }
+                    if bytes.is_empty() && !ended {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
+                }
+            }
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() && self.pending.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.strip {
+            // The stripped body is shorter than the upstream's: no exact length to promise.
+            return SizeHint::default();
+        }
         self.inner.size_hint()
     }
 }
@@ -225,5 +365,39 @@ mod tests {
         let (_, u) = tap(vec![b"not json"], false).await;
         assert_eq!(u, None);
         let _ = Full::new(Bytes::new());
+    }
+
+    async fn strip(chunks: Vec<&[u8]>) -> (Vec<u8>, Option<Usage>) {
+        let slot: UsageSlot = Arc::default();
+        let owned: Vec<Bytes> = chunks.into_iter().map(Bytes::copy_from_slice).collect();
+        let s = futures_util::stream::iter(
+            owned
+                .into_iter()
+                .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
+        );
+        let body = UsageTap::new(StreamBody::new(s), true, slot.clone()).strip_usage_event();
+        let out = body.collect().await.unwrap().to_bytes().to_vec();
+        let u = *slot.lock().unwrap();
+        (out, u)
+    }
+
+    #[tokio::test]
+    async fn the_injected_usage_event_is_removed_at_every_split_point() {
+        for (with, without) in [
+            (
+                &b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n: ping\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\n\ndata: [DONE]\n\n"[..],
+                &b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n: ping\n\ndata: [DONE]\n\n"[..],
+            ),
+            (
+                &b"data: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7}}\r\n\r\ndata: [DONE]\r\n\r\n"[..],
+                &b"data: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: [DONE]\r\n\r\n"[..],
+            ),
+        ] {
+            for i in 0..=with.len() {
+                let (out, u) = strip(vec![&with[..i], &with[i..]]).await;
+                assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(without), "split at {i}");
+                assert_eq!(u, Some(Usage { prompt_tokens: 5, completion_tokens: 7, cost: None }), "split at {i}");
+            }
+        }
     }
 }
