@@ -661,17 +661,20 @@ async fn forward(
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let (parts, incoming) = resp.into_parts();
+        let (mut parts, incoming) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
         let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, usage.clone());
         if *injected && sse {
             tapped = tapped.strip_usage_event();
+            // The client gets fewer bytes than the upstream sent: its length no longer holds.
+            parts.headers.remove(header::CONTENT_LENGTH);
         }
-        let resp = Response::from_parts(parts, tapped);
-        let (mut parts, b) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
         return Ok(Response::from_parts(
             parts,
-            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(b, Into::into)),
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                tapped,
+                Into::into,
+            )),
         ));
     }
     Ok(upstream_response(resp))
