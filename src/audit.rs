@@ -175,6 +175,8 @@ pub struct RecordGuard {
     /// On `llm` routes: the model asked for, where the response's usage lands, and the metrics
     /// label for the model (bounded).
     pub llm: Option<crate::llm::usage::LlmAudit>,
+    /// The usage ledger, when `usage.database` is set: `llm` records also become ledger rows.
+    pub ledger: Option<crate::llm::ledger::Ledger>,
     pub record: RequestRecord,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
@@ -197,6 +199,22 @@ impl Drop for RecordGuard {
                     &u,
                     rec.cost_usd,
                 );
+            }
+            if let (Some(ledger), Some(route)) = (&self.ledger, &self.record.route) {
+                ledger.record(crate::llm::ledger::Row {
+                    ts_ms: SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0),
+                    request_id: self.record.request_id.clone(),
+                    key_id: self.record.key_id.clone(),
+                    route: route.clone(),
+                    model: rec.model.clone(),
+                    prompt_tokens: rec.prompt_tokens,
+                    completion_tokens: rec.completion_tokens,
+                    cost_usd: rec.cost_usd,
+                    usage_source: rec.usage_source,
+                });
             }
             self.record.llm = Some(rec);
         }

@@ -86,6 +86,17 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             Some((l, addr))
         }
     };
+    let ledger = match cfg
+        .usage
+        .as_ref()
+        .and_then(|u| u.database.clone().map(|d| (d, u.retention)))
+    {
+        None => None,
+        Some((path, retention)) => {
+            let conn = llm::ledger::open(&path).map_err(StartError::Other)?;
+            Some(llm::ledger::Ledger::start(conn, path, retention))
+        }
+    };
     let metrics_handle = match metrics::install() {
         Ok(h) => Some(h),
         Err(e) => {
@@ -109,6 +120,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let serve = Arc::new(server::Serve {
         semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
         shared: Arc::new(Shared {
+            ledger,
             lockout: auth::Lockout::new(limiters.store_arc()),
             live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
             limiters,
@@ -179,6 +191,9 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     .await;
     if drained.is_err() {
         tracing::warn!("shutdown_grace elapsed; closing remaining connections");
+    }
+    if let Some(ledger) = serve.shared.ledger.clone() {
+        let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
     }
     audit.emit(&audit::Simple {
         ts: audit::now_rfc3339(),
@@ -253,6 +268,12 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         if old.config.admin.as_ref().map(|a| a.listen) != cfg.admin.as_ref().map(|a| a.listen) {
             return Err(StartError::Other(
                 "adding or removing [admin], or changing admin.listen, needs a restart".into(),
+            ));
+        }
+        let db = |c: &Config| c.usage.as_ref().and_then(|u| u.database.clone());
+        if db(&old.config) != db(&cfg) {
+            return Err(StartError::Other(
+                "changing usage.database needs a restart".into(),
             ));
         }
         match (&serve.tls, tls) {

@@ -37,6 +37,18 @@ enum Command {
     },
     /// Read one key from stdin and print sha256:<hex>
     HashKey,
+    /// Print spend from the usage ledger (works while the gateway runs)
+    Usage {
+        /// How far back, e.g. 7d, 12h (default: 30d)
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Group by key, model or day
+        #[arg(long, default_value = "key")]
+        by: String,
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +58,7 @@ fn main() -> ExitCode {
         Command::Check => check(cli.config),
         Command::Keygen { id, routes } => keygen(&id, &routes),
         Command::HashKey => hash_key(),
+        Command::Usage { since, by, json } => usage(cli.config, &since, &by, json),
     }
 }
 
@@ -196,5 +209,80 @@ fn hash_key() -> ExitCode {
         return ExitCode::from(1);
     }
     println!("{}", portcullis::keys::hash_string(key));
+    ExitCode::SUCCESS
+}
+
+fn usage(cli_path: Option<PathBuf>, since: &str, by: &str, json: bool) -> ExitCode {
+    let env = match env() {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let path = config::resolve_path(cli_path.as_deref(), &env);
+    let cfg = match portcullis::config::load(&path, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(db) = cfg.usage.as_ref().and_then(|u| u.database.clone()) else {
+        eprintln!(
+            "portcullis: {}: no usage.database is configured",
+            path.display()
+        );
+        return ExitCode::from(1);
+    };
+    let window = match portcullis::config::units::parse_duration(since) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("portcullis: --since: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let since_ms = std::time::SystemTime::now()
+        .checked_sub(window)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let field = match by {
+        "key" => "key_id",
+        "model" => "model",
+        "day" => "day",
+        other => {
+            eprintln!("portcullis: --by {other}: expected key, model or day");
+            return ExitCode::from(2);
+        }
+    };
+    let totals = match portcullis::llm::ledger::totals(&db, since_ms, by) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = String::new();
+    if json {
+        for t in &totals {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(field.to_owned(), serde_json::Value::String(t.group.clone()));
+            }
+            out.push_str(&v.to_string());
+            out.push('\n');
+        }
+    } else {
+        out.push_str(&format!(
+            "{:<24} {:>9} {:>14} {:>17} {:>12}\n",
+            field, "requests", "prompt_tokens", "completion_tokens", "cost_usd"
+        ));
+        for t in &totals {
+            out.push_str(&format!(
+                "{:<24} {:>9} {:>14} {:>17} {:>12.6}\n",
+                t.group, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_usd
+            ));
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(out.as_bytes());
     ExitCode::SUCCESS
 }

@@ -122,3 +122,7 @@ pub fn llm_usage(
         gauge!("portcullis_llm_cost_usd_total", "key_id" => key_id.to_owned()).increment(c);
     }
 }
+
+pub fn ledger_error() {
+    counter!("portcullis_ledger_errors_total").increment(1);
+}

@@ -55,6 +55,8 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// What every request handler shares: the live config, the upstream client, the audit log.
 pub struct Shared {
     pub live: ArcSwap<Live>,
+    /// The usage ledger's writer (opened at startup; `usage.database` changes need a restart).
+    pub ledger: Option<crate::llm::ledger::Ledger>,
     /// Rate-limit and lockout state outlive any one config (SPEC §6: kept across reloads).
     pub limiters: Registry,
     pub lockout: Lockout,
@@ -701,6 +703,7 @@ fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static s
     RecordGuard {
         audit: shared.audit.clone(),
         slot: ctx.slot.take(),
+        ledger: shared.ledger.clone(),
         record: RequestRecord {
             ts: String::new(),
             event: "request",

@@ -266,11 +266,11 @@ fn secret_references_resolve_in_value_strings() {
 }
 
 #[test]
-fn usage_ledger_keys_are_refused_until_implemented() {
+fn reservation_and_budget_keys_are_refused_until_implemented() {
     refused(
-        &format!("[usage]\ndatabase = \"/tmp/usage.db\"\n{ROUTE}"),
+        &format!("[usage]\ndefault_completion_reservation = 1024\n{ROUTE}"),
         &[],
-        &["usage.database", "not implemented"],
+        &["usage.default_completion_reservation", "not implemented"],
     );
     refused(
         &format!("[budgets]\ncost_per_day = 5.0\n{ROUTE}"),

@@ -38,6 +38,8 @@ pub struct Config {
 /// `[usage]`, as far as it is implemented: stream-usage injection and prices.
 #[derive(Debug, Clone)]
 pub struct UsageSettings {
+    pub database: Option<PathBuf>,
+    pub retention: Duration,
     pub inject_stream_usage: bool,
     /// Model -> (input, output) USD per million tokens.
     pub prices: std::collections::HashMap<String, (f64, f64)>,
@@ -631,15 +633,9 @@ impl Config {
                 let not_yet = |key: &str| {
                     invalid(
                         format!("usage.{key}"),
-                        "the usage ledger and budgets are not implemented in this version; remove this key",
+                        "reservations and budgets are not implemented in this version; remove this key",
                     )
                 };
-                if u.database.is_some() {
-                    return Err(not_yet("database"));
-                }
-                if u.retention.is_some() {
-                    return Err(not_yet("retention"));
-                }
                 if u.default_completion_reservation.is_some() {
                     return Err(not_yet("default_completion_reservation"));
                 }
@@ -657,7 +653,16 @@ impl Config {
                     }
                     prices.insert(model.clone(), (p.input, p.output));
                 }
+                let database = match &u.database {
+                    None => None,
+                    Some(d) => Some(PathBuf::from(plain(d, "usage.database", env)?)),
+                };
                 Some(UsageSettings {
+                    database,
+                    retention: u
+                        .retention
+                        .map(|r| r.0)
+                        .unwrap_or(Duration::from_secs(90 * 86400)),
                     inject_stream_usage: u.inject_stream_usage,
                     prices,
                 })

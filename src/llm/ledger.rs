@@ -1,0 +1,240 @@
+//! The usage ledger (SPEC §7 "Ledger"): one SQLite row per `llm` request, written by one thread
+//! in batched transactions, never on the request's path. The file is created 0600, runs in WAL
+//! mode (so `portcullis usage` can read while the gateway writes), and carries an application id
+//! and schema version: a file that is not a portcullis ledger, or one from a newer version, is
+//! refused at startup with an error naming it. If a write fails, traffic continues; the failure
+//! is logged and counted.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, params};
+
+/// "PCXU" — set with PRAGMA application_id so a foreign SQLite file is recognised as such.
+const APPLICATION_ID: i64 = 0x5043_5855;
+const SCHEMA_VERSION: i64 = 1;
+const QUEUE: usize = 65_536;
+
+pub struct Row {
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub route: String,
+    pub model: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub usage_source: &'static str,
+}
+
+enum Msg {
+    Row(Row),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    tx: SyncSender<Msg>,
+}
+
+fn err(path: &Path, what: impl std::fmt::Display) -> String {
+    format!("usage.database {}: {what}", path.display())
+}
+
+/// Opens (creating if missing) and checks the ledger at `path`.
+pub fn open(path: &Path) -> Result<Connection, String> {
+    if !path.exists() {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        o.open(path).map_err(|e| err(path, e))?;
+    }
+    let conn = Connection::open(path).map_err(|e| err(path, e))?;
+    let app: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| err(path, e))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
+    if app == 0 && tables == 0 {
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA user_version = {SCHEMA_VERSION};
+             CREATE TABLE usage (
+               ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
+               model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
+               usage_source TEXT NOT NULL);
+             CREATE INDEX usage_ts ON usage (ts_ms);"
+        ))
+        .map_err(|e| err(path, e))?;
+    } else if app != APPLICATION_ID {
+        return Err(err(path, "is not a portcullis usage ledger"));
+    } else if version > SCHEMA_VERSION {
+        return Err(err(
+            path,
+            format!("was written by a newer portcullis (schema {version})"),
+        ));
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| err(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| err(path, e))?;
+    Ok(conn)
+}
+
+impl Ledger {
+    /// Starts the writer thread on an opened ledger; rows older than `retention` are pruned at
+    /// start and every hour.
+    pub fn start(conn: Connection, path: PathBuf, retention: Duration) -> Ledger {
+        let (tx, rx) = sync_channel(QUEUE);
+        let _ = std::thread::Builder::new()
+            .name("usage-ledger".into())
+            .spawn(move || writer(conn, path, rx, retention));
+        Ledger { tx }
+    }
+
+    /// Queues a row; never blocks the request. A full queue (the disk far behind) is logged and
+    /// counted rather than stalling traffic.
+    pub fn record(&self, row: Row) {
+        match self.tx.try_send(Msg::Row(row)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                crate::metrics::ledger_error();
+                tracing::error!("usage ledger queue full or closed; row not written");
+            }
+        }
+    }
+}
+
+impl Ledger {
+    /// Blocks until every row queued so far is committed (shutdown).
+    pub fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn prune(conn: &Connection, retention: Duration) {
+    let cutoff = now_ms() - retention.as_millis() as i64;
+    if let Err(e) = conn.execute("DELETE FROM usage WHERE ts_ms < ?1", params![cutoff]) {
+        tracing::error!(error = %e, "usage ledger pruning failed");
+    }
+}
+
+fn writer(mut conn: Connection, path: PathBuf, rx: Receiver<Msg>, retention: Duration) {
+    prune(&conn, retention);
+    let mut last_prune = std::time::Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut batch = Vec::new();
+        let mut acks = Vec::new();
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            match m {
+                Msg::Row(r) => batch.push(r),
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            if batch.len() < 1000 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO usage (ts_ms, request_id, key_id, route, model, prompt_tokens,
+                     completion_tokens, cost_usd, usage_source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for r in &batch {
+                    stmt.execute(params![
+                        r.ts_ms,
+                        r.request_id,
+                        r.key_id,
+                        r.route,
+                        r.model,
+                        r.prompt_tokens.map(|v| v as i64),
+                        r.completion_tokens.map(|v| v as i64),
+                        r.cost_usd,
+                        r.usage_source
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            crate::metrics::ledger_error();
+            tracing::error!(error = %e, file = %path.display(), rows = batch.len(), "usage ledger write failed");
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        if last_prune.elapsed() > Duration::from_secs(3600) {
+            prune(&conn, retention);
+            last_prune = std::time::Instant::now();
+        }
+    }
+}
+
+/// One group of `portcullis usage`.
+#[derive(Debug, serde::Serialize)]
+pub struct Total {
+    #[serde(skip)]
+    pub group: String,
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// Totals since `since_ms`, grouped by `by` (`key`, `model` or `day`). Opens the file read-only,
+/// so it works while the gateway writes.
+pub fn totals(path: &Path, since_ms: i64, by: &str) -> Result<Vec<Total>, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| err(path, e))?;
+    let app: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| err(path, e))?;
+    if app != APPLICATION_ID {
+        return Err(err(path, "is not a portcullis usage ledger"));
+    }
+    let group = match by {
+        "key" => "COALESCE(key_id, '-')",
+        "model" => "COALESCE(model, '-')",
+        "day" => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+        other => return Err(format!("--by {other}: expected key, model or day")),
+    };
+    let sql = format!(
+        "SELECT {group} AS g, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0),
+         COALESCE(sum(cost_usd), 0.0) FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY g"
+    );
+    let mut stmt = conn.prepare(&sql).map_err(|e| err(path, e))?;
+    let rows = stmt
+        .query_map(params![since_ms], |r| {
+            Ok(Total {
+                group: r.get(0)?,
+                requests: r.get::<_, i64>(1)? as u64,
+                prompt_tokens: r.get::<_, i64>(2)? as u64,
+                completion_tokens: r.get::<_, i64>(3)? as u64,
+                cost_usd: r.get(4)?,
+            })
+        })
+        .map_err(|e| err(path, e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(path, e))
+}
