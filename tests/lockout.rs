@@ -63,14 +63,15 @@ async fn failed_keys_lock_the_ip_out_of_every_route_until_the_lockout_ends() {
         .0,
         200
     );
-    let lockouts: Vec<serde_json::Value> = gw
-        .stdout
-        .all()
-        .iter()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "lockout")
-        .collect();
-    assert_eq!(lockouts.len(), 1);
+    // The audit writer batches lines: wait until all 12 requests so far are recorded (the lockout
+    // event was written before the later ones) rather than reading stdout at once.
+    gw.wait_requests(12).await;
+    let lockouts = gw.events("lockout");
+    assert_eq!(
+        lockouts.len(),
+        1,
+        "one lockout, not one per refused request"
+    );
     assert_eq!(lockouts[0]["client_ip"], "198.51.100.9");
     assert_eq!(lockouts[0]["failures"], 3);
     // The lockout ends by itself once lockout_duration has passed (the wait is the behaviour
