@@ -151,6 +151,8 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         tokio::spawn(admin::serve(admin, l, admin_stop.clone()));
     }
 
+    // Listeners are bound and the config is loaded: ready, before anyone is told we started.
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     {
         let live = serve.shared.live.load();
         let cfg = &live.config;
@@ -167,7 +169,6 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         audit.flush().await;
     }
     tracing::info!(listeners = ?addrs, "portcullis {VERSION} listening");
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     systemd::ready();
     let watchdog = tokio::spawn(systemd::watchdog());
 
