@@ -357,6 +357,39 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
     out
 }
 
+/// Runs wrk against the gateway and the direct upstream, alternately, twice each; adds the
+/// throughput and latency rows and returns the mean req/s (gateway, direct).
+fn compare(
+    row: &mut impl FnMut(&str, String, String, String),
+    what: &str,
+    gateway_url: &str,
+    direct_url: &str,
+) -> (f64, f64) {
+    let (mut g, mut d) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        d.push(wrk(direct_url, 5));
+        g.push(wrk(gateway_url, 5));
+    }
+    let avg =
+        |v: &[WrkResult], f: fn(&WrkResult) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let lat =
+        |v: &[WrkResult]| format!("{:.2} / {:.2}", avg(v, |r| r.p50_ms), avg(v, |r| r.p99_ms));
+    let (gr, dr) = (avg(&g, |r| r.rps), avg(&d, |r| r.rps));
+    row(
+        &format!("h1 keep-alive req/s ({what})"),
+        format!("{gr:.0}"),
+        format!("{dr:.0}"),
+        format!("{:.2}", gr / dr),
+    );
+    row(
+        &format!("  p50 / p99 ms ({what}, 50 conns)"),
+        lat(&g),
+        lat(&d),
+        String::new(),
+    );
+    (gr, dr)
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--upstream") {
         run_upstream();
@@ -396,36 +429,13 @@ fn main() {
     let rss_idle = rss_kib(gw.proc.0.id());
 
     if have_wrk {
-        let (mut g, mut d) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            d.push(wrk(&format!("http://{up_addr}/v1/x"), 5));
-            g.push(wrk(&format!("http://{}/v1/x", gw.addr), 5));
-        }
-        let avg = |v: &[WrkResult], f: fn(&WrkResult) -> f64| {
-            v.iter().map(f).sum::<f64>() / v.len() as f64
-        };
-        let (gr, dr) = (avg(&g, |r| r.rps), avg(&d, |r| r.rps));
-        row(
-            "h1 keep-alive req/s (plain)",
-            format!("{gr:.0}"),
-            format!("{dr:.0}"),
-            format!("{:.2}", gr / dr),
+        let direct_url = format!("http://{up_addr}/v1/x");
+        let (gr, dr) = compare(
+            &mut row,
+            "plain",
+            &format!("http://{}/v1/x", gw.addr),
+            &direct_url,
         );
-        row(
-            "  p50 / p99 ms (plain, 50 conns)",
-            format!(
-                "{:.2} / {:.2}",
-                avg(&g, |r| r.p50_ms),
-                avg(&g, |r| r.p99_ms)
-            ),
-            format!(
-                "{:.2} / {:.2}",
-                avg(&d, |r| r.p50_ms),
-                avg(&d, |r| r.p99_ms)
-            ),
-            String::new(),
-        );
-        let dr_plain = dr;
 
         // Worker threads: the same gateway with 1 and 2 workers (2 is the default here).
         let gw1 = start_gateway(dir.path(), up_addr, None, Some(1));
@@ -434,39 +444,16 @@ fn main() {
         row(
             "h1 req/s with 1 / 2 worker threads",
             format!("{:.0} / {gr:.0}", r1.rps),
-            format!("{dr_plain:.0}"),
+            format!("{dr:.0}"),
             String::new(),
         );
 
         let gws = start_gateway(dir.path(), up_addr, Some(&ca), None);
-        let (mut g, mut d) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            d.push(wrk(&format!("http://{up_addr}/v1/x"), 5));
-            g.push(wrk(
-                &format!("https://localhost:{}/v1/x", gws.addr.port()),
-                5,
-            ));
-        }
-        let (gr, dr) = (avg(&g, |r| r.rps), avg(&d, |r| r.rps));
-        row(
-            "h1 keep-alive req/s (gateway TLS)",
-            format!("{gr:.0}"),
-            format!("{dr:.0}"),
-            format!("{:.2}", gr / dr),
-        );
-        row(
-            "  p50 / p99 ms (TLS)",
-            format!(
-                "{:.2} / {:.2}",
-                avg(&g, |r| r.p50_ms),
-                avg(&g, |r| r.p99_ms)
-            ),
-            format!(
-                "{:.2} / {:.2}",
-                avg(&d, |r| r.p50_ms),
-                avg(&d, |r| r.p99_ms)
-            ),
-            String::new(),
+        compare(
+            &mut row,
+            "gateway TLS",
+            &format!("https://localhost:{}/v1/x", gws.addr.port()),
+            &direct_url,
         );
 
         // 1,000 idle keep-alive TLS connections.
