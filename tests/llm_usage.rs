@@ -6,6 +6,20 @@ use support::*;
 
 const KEY: &str = "pcx_usage-key-0123456789abcdefghijklmnopqrstuv";
 
+/// POSTs `body` as JSON (with `key` as bearer, if any) and returns the response text.
+async fn post_text(
+    c: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &serde_json::Value,
+) -> String {
+    let mut req = c.post(url).json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    req.send().await.unwrap().text().await.unwrap()
+}
+
 #[tokio::test]
 async fn usage_from_json_and_streams_reaches_the_audit_record() {
     let up = upstream().await;
@@ -31,19 +45,16 @@ async fn usage_from_json_and_streams_reaches_the_audit_record() {
     assert_eq!(r.status(), 200);
     let _ = r.text().await.unwrap();
     // Stream with include_usage: the client still sees its usage event, byte for byte.
-    let direct = c
-        .post(format!("{}/v1/chat/completions", up.url()))
-        .json(&serde_json::json!({"model": "anthropic/claude-x", "stream": true, "stream_options": {"include_usage": true}}))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let r = ask(serde_json::json!({"model": "anthropic/claude-x", "stream": true, "stream_options": {"include_usage": true}}))
-        .await
-        .unwrap();
-    assert_eq!(r.text().await.unwrap(), direct);
+    let asks_usage = serde_json::json!({"model": "anthropic/claude-x", "stream": true, "stream_options": {"include_usage": true}});
+    let direct = post_text(
+        &c,
+        &format!("{}/v1/chat/completions", up.url()),
+        None,
+        &asks_usage,
+    )
+    .await;
+    assert!(direct.contains("\"usage\""));
+    assert_eq!(post_text(&c, &url, Some(KEY), &asks_usage).await, direct);
     // Stream without usage: recorded as such, never guessed.
     let r = ask(serde_json::json!({"model": "anthropic/claude-x", "stream": true}))
         .await
@@ -110,26 +121,15 @@ async fn injected_stream_usage_is_counted_and_invisible_to_the_client() {
     let stream_req =
         serde_json::json!({"model": "anthropic/claude-x", "stream": true, "messages": []});
     // What the client would get from the upstream directly for the request it sent.
-    let direct = c
-        .post(format!("{}/v1/chat/completions", up.url()))
-        .json(&stream_req)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let direct = post_text(
+        &c,
+        &format!("{}/v1/chat/completions", up.url()),
+        None,
+        &stream_req,
+    )
+    .await;
     assert!(!direct.contains("usage"));
-    let via = c
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&stream_req)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let via = post_text(&c, &gw.url("/v1/chat/completions"), Some(KEY), &stream_req).await;
     assert_eq!(via, direct, "the client sees exactly what it asked for");
     // The upstream was asked for usage on the gateway's behalf.
     let seen = up.seen();

@@ -15,7 +15,6 @@ pub struct LayeredEnv {
     dotenv: HashMap<String, String>,
     /// Set when `.env` is readable by group or others: startup logs it as a warning.
     pub dotenv_too_open: bool,
-    pub dotenv_loaded: bool,
 }
 
 impl LayeredEnv {
@@ -59,7 +58,6 @@ impl LayeredEnv {
             };
             env.dotenv.insert(k.to_owned(), v.to_owned());
         }
-        env.dotenv_loaded = true;
         Ok(env)
     }
 

@@ -319,7 +319,7 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Full, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
 
     async fn tap(chunks: Vec<&'static [u8]>, sse: bool) -> (Vec<u8>, Option<Usage>) {
         let slot: UsageSlot = Arc::default();
@@ -364,7 +364,6 @@ mod tests {
         assert_eq!(u, None);
         let (_, u) = tap(vec![b"not json"], false).await;
         assert_eq!(u, None);
-        let _ = Full::new(Bytes::new());
     }
 
     async fn strip(chunks: Vec<&[u8]>) -> (Vec<u8>, Option<Usage>) {
