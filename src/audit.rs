@@ -200,6 +200,31 @@ impl Drop for RecordGuard {
                     rec.cost_usd,
                 );
             }
+            // What the request counts against budgets: its usage; without usage, its
+            // reservation when the upstream answered 2xx (so an upstream that stops reporting
+            // usage cannot bypass a budget); nothing when no upstream answer was produced.
+            let charged = match (&usage, &llm.reservation) {
+                (Some(u), _) => crate::llm::budget::Amount {
+                    tokens: (u.prompt_tokens + u.completion_tokens) as f64,
+                    cost: rec.cost_usd.unwrap_or(0.0),
+                },
+                (None, Some(r))
+                    if self.record.upstream_ms.is_some()
+                        && (200..300).contains(&self.record.status) =>
+                {
+                    r.amount()
+                }
+                _ => crate::llm::budget::Amount::default(),
+            };
+            if let Some(r) = llm.reservation {
+                let (events, left) = r.settle(charged, crate::llm::budget::now_secs());
+                for e in &events {
+                    self.audit.emit(e);
+                }
+                for l in left {
+                    crate::metrics::budget_remaining(l.scope.as_deref(), l.cap, l.left);
+                }
+            }
             if let (Some(ledger), Some(route)) = (&self.ledger, &self.record.route) {
                 ledger.record(crate::llm::ledger::Row {
                     ts_ms: SystemTime::now()
@@ -214,6 +239,8 @@ impl Drop for RecordGuard {
                     completion_tokens: rec.completion_tokens,
                     cost_usd: rec.cost_usd,
                     usage_source: rec.usage_source,
+                    charged_tokens: charged.tokens as u64,
+                    charged_cost: charged.cost,
                 });
             }
             self.record.llm = Some(rec);

@@ -22,6 +22,7 @@ pub enum GatewayError {
     OriginNotAllowed,
     LockedOut { retry_after: Duration },
     RateLimited { retry_after: Duration },
+    BudgetExceeded { retry_after: Duration },
     PayloadTooLarge,
     RequestTimeout,
     NoRoute,
@@ -38,7 +39,9 @@ impl GatewayError {
         match self {
             MissingApiKey | InvalidApiKey | ExpiredApiKey => StatusCode::UNAUTHORIZED,
             KeyNotAllowed | ModelNotAllowed | IpDenied | OriginNotAllowed => StatusCode::FORBIDDEN,
-            LockedOut { .. } | RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            LockedOut { .. } | RateLimited { .. } | BudgetExceeded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             NoRoute => StatusCode::NOT_FOUND,
@@ -63,6 +66,7 @@ impl GatewayError {
             OriginNotAllowed => "origin_not_allowed",
             LockedOut { .. } => "locked_out",
             RateLimited { .. } => "rate_limited",
+            BudgetExceeded { .. } => "budget_exceeded",
             PayloadTooLarge => "payload_too_large",
             RequestTimeout => "request_timeout",
             NoRoute => "no_route",
@@ -88,6 +92,9 @@ impl GatewayError {
                 "Too many failed API key attempts from this address; try again later."
             }
             RateLimited { .. } => "Rate limit exceeded; try again later.",
+            BudgetExceeded { .. } => {
+                "The usage budget for this period is spent; try again when the period ends."
+            }
             PayloadTooLarge => "The request body is too large.",
             RequestTimeout => "The request body was not received in time.",
             NoRoute => "No route matches this request.",
@@ -120,7 +127,9 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"portcullis\""),
                 );
             }
-            LockedOut { retry_after } | RateLimited { retry_after } => {
+            LockedOut { retry_after }
+            | RateLimited { retry_after }
+            | BudgetExceeded { retry_after } => {
                 h.insert(
                     RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(retry_after)),
@@ -161,6 +170,7 @@ mod tests {
             (OriginNotAllowed, 403, "origin_not_allowed"),
             (LockedOut { retry_after: d }, 429, "locked_out"),
             (RateLimited { retry_after: d }, 429, "rate_limited"),
+            (BudgetExceeded { retry_after: d }, 429, "budget_exceeded"),
             (PayloadTooLarge, 413, "payload_too_large"),
             (RequestTimeout, 408, "request_timeout"),
             (NoRoute, 404, "no_route"),

@@ -86,15 +86,24 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             Some((l, addr))
         }
     };
-    let ledger = match cfg
+    // The ledger, and the budget book rebuilt from it: a restart never resets a budget.
+    let (ledger, budgets) = match cfg
         .usage
         .as_ref()
         .and_then(|u| u.database.clone().map(|d| (d, u.retention)))
     {
-        None => None,
+        None => (None, None),
         Some((path, retention)) => {
             let conn = llm::ledger::open(&path).map_err(StartError::Other)?;
-            Some(llm::ledger::Ledger::start(conn, path, retention))
+            let now = llm::budget::now_secs();
+            let totals = llm::ledger::period_totals(&conn, now).map_err(|e| {
+                StartError::Other(format!("usage.database {}: {e}", path.display()))
+            })?;
+            let book = Arc::new(llm::budget::Book::rebuild(&totals, now));
+            (
+                Some(llm::ledger::Ledger::start(conn, path, retention)),
+                Some(book),
+            )
         }
     };
     let metrics_handle = match metrics::install() {
@@ -121,6 +130,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
         shared: Arc::new(Shared {
             ledger,
+            budgets,
             lockout: auth::Lockout::new(limiters.store_arc()),
             live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
             limiters,
@@ -132,6 +142,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         shutdown: shutdown.clone(),
         connections: TaskTracker::new(),
     });
+    serve.shared.publish_budgets();
 
     let mut accept_tasks = Vec::new();
     for (l, _) in listeners.bound {
@@ -290,6 +301,7 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
             .shared
             .live
             .store(Arc::new(live::Live::build(cfg, &serve.shared.limiters)));
+        serve.shared.publish_budgets();
         Ok(())
     });
     let (res, reason) = match &result {

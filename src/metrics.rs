@@ -61,6 +61,10 @@ fn describe() {
         "portcullis_llm_tokens_total",
         "Tokens reported by upstreams, by route, key, model and kind"
     );
+    describe_gauge!(
+        "portcullis_budget_remaining",
+        "What is left of each budget cap in its current period, by key (\"*\": the gateway), period and unit"
+    );
     describe_counter!(
         "portcullis_llm_cost_usd_total",
         "Cost reported by upstreams, USD, by key"
@@ -125,4 +129,16 @@ pub fn llm_usage(
 
 pub fn ledger_error() {
     counter!("portcullis_ledger_errors_total").increment(1);
+}
+
+/// `portcullis_budget_remaining`: `key_id` is `*` for the gateway-wide `[budgets]` (no key id can
+/// be `*`).
+pub fn budget_remaining(key_id: Option<&str>, cap: crate::llm::budget::Cap, left: f64) {
+    gauge!(
+        "portcullis_budget_remaining",
+        "key_id" => key_id.unwrap_or("*").to_owned(),
+        "period" => cap.period.name(),
+        "unit" => cap.unit.name()
+    )
+    .set(left);
 }

@@ -57,6 +57,8 @@ pub struct Shared {
     pub live: ArcSwap<Live>,
     /// The usage ledger's writer (opened at startup; `usage.database` changes need a restart).
     pub ledger: Option<crate::llm::ledger::Ledger>,
+    /// Spend and reservations per key and period; with the ledger (budgets need it).
+    pub budgets: Option<Arc<crate::llm::budget::Book>>,
     /// Rate-limit and lockout state outlive any one config (SPEC §6: kept across reloads).
     pub limiters: Registry,
     pub lockout: Lockout,
@@ -96,10 +98,41 @@ struct Ctx {
     slot: Option<crate::audit::Slot>,
     /// Keeps the connection counted as busy (and its slot taken) until the response ends.
     active: Option<Active>,
-    /// On `llm` routes, once the request body was read: the model, where usage will land, and
-    /// whether the gateway injected `include_usage` (then the usage-only event is not the
-    /// client's and is removed from the stream).
-    llm: Option<(Option<String>, crate::llm::usage::UsageSlot, bool)>,
+    /// On `llm` routes, once the request body was read.
+    llm: Option<LlmCtx>,
+}
+
+/// What an `llm` request carries to its audit record.
+struct LlmCtx {
+    model: Option<String>,
+    /// Where the response's usage lands.
+    usage: crate::llm::usage::UsageSlot,
+    /// The gateway asked for `include_usage`: the usage-only event is not the client's and is
+    /// removed from the stream.
+    injected: bool,
+    /// Held against the budgets until the usage is known (SPEC §7 "Reservations").
+    reservation: Option<crate::llm::budget::Reservation>,
+}
+
+impl Shared {
+    /// Sets `portcullis_budget_remaining` for every cap of the live config (startup, reload).
+    pub fn publish_budgets(&self) {
+        let Some(book) = &self.budgets else { return };
+        let live = self.live.load();
+        let now = crate::llm::budget::now_secs();
+        let scopes = std::iter::once((None, live.config.budgets.as_slice())).chain(
+            live.config
+                .keys
+                .iter()
+                .zip(&live.key_ids)
+                .map(|(k, id)| (Some(id.clone()), k.budget.as_slice())),
+        );
+        for (scope, caps) in scopes {
+            for (cap, left) in book.remaining(&scope, caps, now) {
+                crate::metrics::budget_remaining(scope.as_deref(), cap, left);
+            }
+        }
+    }
 }
 
 /// The hyper service entry point. Never fails: every error becomes a SPEC response.
@@ -271,14 +304,24 @@ async fn process(
         let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
         let mut model = None;
         let mut injected = false;
+        let mut reservation = None;
         let req = if http_body::Body::is_end_stream(req.body()) {
+            if let Some(book) = &shared.budgets {
+                reservation = Some(reserve(book, live, key_index, None, None)?);
+            }
             req.map(ClientBody::Streaming)
         } else {
             let (mut parts, incoming) = req.into_parts();
             let mut bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
-            match allowed {
-                Some(allowed) => model = crate::llm::request::check_models(allowed, &bytes)?.model,
-                None => model = crate::llm::request::inspect(&bytes).and_then(|i| i.model),
+            let inspected = match allowed {
+                Some(allowed) => Some(crate::llm::request::check_models(allowed, &bytes)?),
+                None => crate::llm::request::inspect(&bytes),
+            };
+            let max_tokens = inspected.as_ref().and_then(|i| i.max_tokens);
+            model = inspected.and_then(|i| i.model);
+            if let Some(book) = &shared.budgets {
+                let own = Some((bytes.len(), max_tokens));
+                reservation = Some(reserve(book, live, key_index, model.as_deref(), own)?);
             }
             if cfg.usage.as_ref().is_some_and(|u| u.inject_stream_usage)
                 && let Some(rewritten) = crate::llm::request::inject_include_usage(&bytes)
@@ -290,7 +333,12 @@ async fn process(
             parts.headers.remove(header::CONTENT_LENGTH);
             Request::from_parts(parts, ClientBody::Buffered(bytes))
         };
-        ctx.llm = Some((model, crate::llm::usage::UsageSlot::default(), injected));
+        ctx.llm = Some(LlmCtx {
+            model,
+            usage: crate::llm::usage::UsageSlot::default(),
+            injected,
+            reservation,
+        });
         return forward(shared, cfg, conn, ctx, route, &path, req).await;
     }
     forward(
@@ -303,6 +351,48 @@ async fn process(
         req.map(ClientBody::Streaming),
     )
     .await
+}
+
+/// SPEC §7 "Reservations": admits an `llm` request against its key's and the gateway's caps, or
+/// refuses it with 429 `budget_exceeded`. `body`: the request body's length and `max_tokens`; a
+/// request without a body reserves nothing (but is still refused once a cap is spent).
+fn reserve(
+    book: &Arc<crate::llm::budget::Book>,
+    live: &Live,
+    key_index: Option<usize>,
+    model: Option<&str>,
+    body: Option<(usize, Option<u64>)>,
+) -> Result<crate::llm::budget::Reservation, GatewayError> {
+    use crate::llm::budget::{Amount, Applies};
+    let cfg = &live.config;
+    let usage = cfg.usage.as_ref();
+    let own = match body {
+        None => Amount::default(),
+        Some((len, max_tokens)) => {
+            // A prompt estimate of a token per four bytes, plus the completion it may ask for.
+            let prompt = len.div_ceil(4) as f64;
+            let default = usage.map_or(1024, |u| u.default_completion_reservation);
+            let completion = max_tokens.unwrap_or(default) as f64;
+            let cost = model
+                .and_then(|m| usage?.prices.get(m))
+                .map_or(0.0, |(input, output)| {
+                    (prompt * input + completion * output) / 1e6
+                });
+            Amount {
+                tokens: prompt + completion,
+                cost,
+            }
+        }
+    };
+    let applies = Applies {
+        key: key_index.map(|k| live.key_ids[k].clone()),
+        key_caps: key_index
+            .map(|k| cfg.keys[k].budget.clone())
+            .unwrap_or_default(),
+        gateway_caps: cfg.budgets.clone(),
+    };
+    book.admit(applies, own, crate::llm::budget::now_secs())
+        .map_err(|retry_after| GatewayError::BudgetExceeded { retry_after })
 }
 
 /// A request body as it is forwarded: streamed as it arrives, or already read (LLM inspection).
@@ -658,7 +748,10 @@ async fn forward(
     };
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
     crate::metrics::upstream(&route.name, sent.elapsed());
-    if let Some((_, usage, injected)) = &ctx.llm {
+    if let Some(LlmCtx {
+        usage, injected, ..
+    }) = &ctx.llm
+    {
         let sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -725,15 +818,13 @@ fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static s
         start: ctx.start,
         bytes_in: ctx.bytes_in.clone(),
         bytes_out: ctx.bytes_out.clone(),
-        llm: ctx
-            .llm
-            .as_ref()
-            .map(|(model, usage, _)| crate::llm::usage::LlmAudit {
-                model: model.clone(),
-                usage: usage.clone(),
-                label: String::new(),
-                price: None,
-            }),
+        llm: ctx.llm.as_mut().map(|l| crate::llm::usage::LlmAudit {
+            model: l.model.clone(),
+            usage: l.usage.clone(),
+            label: String::new(),
+            price: None,
+            reservation: l.reservation.take(),
+        }),
     }
 }
 

@@ -266,16 +266,32 @@ fn secret_references_resolve_in_value_strings() {
 }
 
 #[test]
-fn reservation_and_budget_keys_are_refused_until_implemented() {
-    refused(
-        &format!("[usage]\ndefault_completion_reservation = 1024\n{ROUTE}"),
-        &[],
-        &["usage.default_completion_reservation", "not implemented"],
-    );
+fn budgets_need_a_ledger_and_sane_caps() {
+    // A budget without a ledger would be reset by every restart: refused, naming where it is.
     refused(
         &format!("[budgets]\ncost_per_day = 5.0\n{ROUTE}"),
         &[],
-        &["unknown field `budgets`"],
+        &["budgets", "need [usage] with a database"],
+    );
+    refused(
+        &format!("[usage]\ninject_stream_usage = true\n[budgets]\ntokens_per_week = 5\n{ROUTE}"),
+        &[],
+        &["budgets", "need [usage] with a database"],
+    );
+    refused(
+        &format!("[usage]\ndatabase = \"/tmp/x.db\"\n[budgets]\ncost_per_day = -1.0\n{ROUTE}"),
+        &[],
+        &["budgets.cost_per_day", "non-negative"],
+    );
+    refused(
+        &format!("[usage]\ndatabase = \"/tmp/x.db\"\n[budgets]\ncost_per_hour = 1.0\n{ROUTE}"),
+        &[],
+        &["cost_per_hour"],
+    );
+    refused(
+        &format!("[usage]\ndefault_completion_reservation = -5\n{ROUTE}"),
+        &[],
+        &["default_completion_reservation"],
     );
     refused(
         &format!("[usage.prices.\"m\"]\ninput = -1.0\noutput = 0.5\n{ROUTE}"),

@@ -33,14 +33,18 @@ pub struct Config {
     pub keys: Vec<Key>,
     pub routes: Vec<Route>,
     pub usage: Option<UsageSettings>,
+    /// `[budgets]`: caps for all keys together.
+    pub budgets: Vec<crate::llm::budget::Cap>,
 }
 
-/// `[usage]`, as far as it is implemented: stream-usage injection and prices.
+/// `[usage]`: the ledger, stream-usage injection, reservations and prices.
 #[derive(Debug, Clone)]
 pub struct UsageSettings {
     pub database: Option<PathBuf>,
     pub retention: Duration,
     pub inject_stream_usage: bool,
+    /// Completion tokens reserved for a request that names no `max_tokens`.
+    pub default_completion_reservation: u64,
     /// Model -> (input, output) USD per million tokens.
     pub prices: std::collections::HashMap<String, (f64, f64)>,
 }
@@ -126,6 +130,8 @@ pub struct Key {
     pub disabled: bool,
     /// `None`: any model. On `llm` routes a request naming another model gets 403.
     pub models: Option<Vec<crate::llm::request::ModelPattern>>,
+    /// The key's own caps (SPEC §7 `budget`).
+    pub budget: Vec<crate::llm::budget::Cap>,
 }
 
 impl fmt::Debug for Key {
@@ -614,7 +620,12 @@ impl Config {
                     Some(out)
                 }
             };
+            let budget = match &k.budget {
+                None => Vec::new(),
+                Some(b) => caps(b, &p("budget"))?,
+            };
             keys.push(Key {
+                budget,
                 models,
                 id: id.to_owned(),
                 hash,
@@ -628,17 +639,6 @@ impl Config {
         let usage = match &raw.usage {
             None => None,
             Some(u) => {
-                // Refused by name until the ledger lands (issue 7), so no one runs a config that
-                // asks for a ledger or reservations believing it has them.
-                let not_yet = |key: &str| {
-                    invalid(
-                        format!("usage.{key}"),
-                        "reservations and budgets are not implemented in this version; remove this key",
-                    )
-                };
-                if u.default_completion_reservation.is_some() {
-                    return Err(not_yet("default_completion_reservation"));
-                }
                 let mut prices = std::collections::HashMap::new();
                 for (model, p) in &u.prices {
                     if !(p.input.is_finite()
@@ -664,12 +664,38 @@ impl Config {
                         .map(|r| r.0)
                         .unwrap_or(Duration::from_secs(90 * 86400)),
                     inject_stream_usage: u.inject_stream_usage,
+                    default_completion_reservation: u
+                        .default_completion_reservation
+                        .unwrap_or(1024),
                     prices,
                 })
             }
         };
 
+        // A budget needs the ledger: without it, a restart would quietly reset every budget.
+        let budgets = match &raw.budgets {
+            None => Vec::new(),
+            Some(b) => caps(b, "budgets")?,
+        };
+        let has_ledger = usage.as_ref().is_some_and(|u| u.database.is_some());
+        let budgeted = (!budgets.is_empty())
+            .then(|| "budgets".to_owned())
+            .or_else(|| {
+                keys.iter()
+                    .position(|k| !k.budget.is_empty())
+                    .map(|i| format!("keys[{i}].budget"))
+            });
+        if let Some(path) = budgeted
+            && !has_ledger
+        {
+            return Err(invalid(
+                path,
+                "budgets need [usage] with a database (the ledger that keeps spend across restarts)",
+            ));
+        }
+
         Ok(Config {
+            budgets,
             usage,
             server,
             tls,
@@ -682,6 +708,48 @@ impl Config {
             routes,
         })
     }
+}
+
+/// The caps of a `[budgets]` table or a key's `budget`, checked: whole tokens, USD as a
+/// non-negative finite number.
+fn caps(b: &super::schema::RawBudget, at: &str) -> Result<Vec<crate::llm::budget::Cap>, Invalid> {
+    use crate::llm::budget::{Cap, Period, Unit};
+    let mut out = Vec::new();
+    let tokens = [
+        ("tokens_per_day", b.tokens_per_day, Period::Day),
+        ("tokens_per_week", b.tokens_per_week, Period::Week),
+        ("tokens_per_month", b.tokens_per_month, Period::Month),
+    ];
+    for (_, v, period) in tokens {
+        if let Some(v) = v {
+            out.push(Cap {
+                period,
+                unit: Unit::Tokens,
+                limit: v as f64,
+            });
+        }
+    }
+    let costs = [
+        ("cost_per_day", b.cost_per_day, Period::Day),
+        ("cost_per_week", b.cost_per_week, Period::Week),
+        ("cost_per_month", b.cost_per_month, Period::Month),
+    ];
+    for (name, v, period) in costs {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(
+                    format!("{at}.{name}"),
+                    "must be a non-negative number of USD",
+                ));
+            }
+            out.push(Cap {
+                period,
+                unit: Unit::Cost,
+                limit: v,
+            });
+        }
+    }
+    Ok(out)
 }
 
 fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result<Route, Invalid> {

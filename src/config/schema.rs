@@ -31,10 +31,22 @@ pub struct RawConfig {
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     pub usage: Option<RawUsage>,
+    pub budgets: Option<RawBudget>,
 }
 
-/// `[usage]` (SPEC §7). The ledger keys are read so that they can be refused by name until the
-/// ledger exists: a config that asks for one must not start as if it had it.
+/// `[budgets]` and a key's `budget` (SPEC §7): caps per UTC day, week and month.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub tokens_per_day: Option<u64>,
+    pub tokens_per_week: Option<u64>,
+    pub tokens_per_month: Option<u64>,
+    pub cost_per_day: Option<f64>,
+    pub cost_per_week: Option<f64>,
+    pub cost_per_month: Option<f64>,
+}
+
+/// `[usage]` (SPEC §7).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUsage {
@@ -211,6 +223,7 @@ pub struct RawKey {
     #[serde(default)]
     pub disabled: bool,
     pub models: Option<Vec<String>>,
+    pub budget: Option<RawBudget>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -13,7 +13,9 @@ use rusqlite::{Connection, OpenFlags, params};
 
 /// "PCXU" — set with PRAGMA application_id so a foreign SQLite file is recognised as such.
 const APPLICATION_ID: i64 = 0x5043_5855;
-const SCHEMA_VERSION: i64 = 1;
+/// 1: the first ledger; 2 adds what each row charged against budgets (a reservation, when the
+/// response carried no usage). Version 1 files are migrated in place.
+const SCHEMA_VERSION: i64 = 2;
 const QUEUE: usize = 65_536;
 
 pub struct Row {
@@ -26,6 +28,9 @@ pub struct Row {
     pub completion_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
     pub usage_source: &'static str,
+    /// What the row counted against budgets: its usage, or its reservation when it had none.
+    pub charged_tokens: u64,
+    pub charged_cost: f64,
 }
 
 enum Msg {
@@ -71,10 +76,19 @@ pub fn open(path: &Path) -> Result<Connection, String> {
              CREATE TABLE usage (
                ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
                model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
-               usage_source TEXT NOT NULL);
+               usage_source TEXT NOT NULL, charged_tokens INTEGER, charged_cost REAL);
              CREATE INDEX usage_ts ON usage (ts_ms);"
         ))
         .map_err(|e| err(path, e))?;
+    } else if app == APPLICATION_ID && version == 1 {
+        conn.execute_batch(&format!(
+            "BEGIN;
+             ALTER TABLE usage ADD COLUMN charged_tokens INTEGER;
+             ALTER TABLE usage ADD COLUMN charged_cost REAL;
+             PRAGMA user_version = {SCHEMA_VERSION};
+             COMMIT;"
+        ))
+        .map_err(|e| err(path, format!("upgrading the schema: {e}")))?;
     } else if app != APPLICATION_ID {
         return Err(err(path, "is not a portcullis usage ledger"));
     } else if version > SCHEMA_VERSION {
@@ -159,7 +173,8 @@ fn writer(mut conn: Connection, path: PathBuf, rx: Receiver<Msg>, retention: Dur
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO usage (ts_ms, request_id, key_id, route, model, prompt_tokens,
-                     completion_tokens, cost_usd, usage_source) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     completion_tokens, cost_usd, usage_source, charged_tokens, charged_cost)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?;
                 for r in &batch {
                     stmt.execute(params![
@@ -171,7 +186,9 @@ fn writer(mut conn: Connection, path: PathBuf, rx: Receiver<Msg>, retention: Dur
                         r.prompt_tokens.map(|v| v as i64),
                         r.completion_tokens.map(|v| v as i64),
                         r.cost_usd,
-                        r.usage_source
+                        r.usage_source,
+                        r.charged_tokens as i64,
+                        r.charged_cost
                     ])?;
                 }
             }
@@ -237,4 +254,50 @@ pub fn totals(path: &Path, since_ms: i64, by: &str) -> Result<Vec<Total>, String
         .map_err(|e| err(path, e))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(|e| err(path, e))
+}
+
+/// The spend of the current UTC day, week and month per key (`None`: requests without a key),
+/// for rebuilding the budget book at startup. Rows from before schema 2 count their usage.
+pub fn period_totals(
+    conn: &Connection,
+    now: i64,
+) -> rusqlite::Result<Vec<(Option<String>, super::budget::Period, super::budget::Amount)>> {
+    use super::budget::{Amount, PERIODS};
+    let starts: Vec<i64> = PERIODS.iter().map(|p| p.bounds(now).0 * 1000).collect();
+    let since = starts.iter().copied().min().unwrap_or(0);
+    let tokens =
+        "COALESCE(charged_tokens, COALESCE(prompt_tokens, 0) + COALESCE(completion_tokens, 0))";
+    let cost = "COALESCE(charged_cost, cost_usd, 0.0)";
+    let mut cols = String::new();
+    for i in 0..starts.len() {
+        let at = i + 1;
+        cols.push_str(&format!(
+            ", COALESCE(sum(CASE WHEN ts_ms >= ?{at} THEN {tokens} END), 0), \
+             COALESCE(sum(CASE WHEN ts_ms >= ?{at} THEN {cost} END), 0.0)"
+        ));
+    }
+    let sql = format!("SELECT key_id{cols} FROM usage WHERE ts_ms >= ?4 GROUP BY key_id");
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![starts[0], starts[1], starts[2], since], |r| {
+        let key: Option<String> = r.get(0)?;
+        let mut out = Vec::new();
+        for (i, p) in PERIODS.iter().enumerate() {
+            let t: i64 = r.get(1 + 2 * i)?;
+            let c: f64 = r.get(2 + 2 * i)?;
+            out.push((
+                key.clone(),
+                *p,
+                Amount {
+                    tokens: t as f64,
+                    cost: c,
+                },
+            ));
+        }
+        Ok(out)
+    })?;
+    let mut all = Vec::new();
+    for r in rows {
+        all.extend(r?);
+    }
+    Ok(all)
 }

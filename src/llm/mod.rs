@@ -5,6 +5,7 @@
 //! `portcullis usage` reads. Not yet: budgets and reservations; `[usage]`, `[budgets]` and a key's `budget` are still refused by the
 //! config loader as unknown keys, so no operator can believe a budget is enforced when it is not.
 
+pub mod budget;
 pub mod ledger;
 pub mod request;
 pub mod sse;

@@ -37,6 +37,8 @@ impl ModelPattern {
 pub struct Inspected {
     pub model: Option<String>,
     pub stream: bool,
+    /// `max_tokens`, else `max_completion_tokens`: what a reservation holds for the completion.
+    pub max_tokens: Option<u64>,
 }
 
 /// Parses `body` as JSON. `None` when it is not JSON (forwarded unchanged unless a key's
@@ -46,6 +48,9 @@ pub fn inspect(body: &[u8]) -> Option<Inspected> {
     Some(Inspected {
         model: v.get("model").and_then(|m| m.as_str()).map(str::to_owned),
         stream: v.get("stream").and_then(|s| s.as_bool()).unwrap_or(false),
+        max_tokens: ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|m| m.as_u64())),
     })
 }
 

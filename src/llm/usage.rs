@@ -98,6 +98,8 @@ pub struct LlmAudit {
     /// The bounded metrics label for the model.
     pub label: String,
     pub price: Option<(f64, f64)>,
+    /// The request's hold on the budgets, settled when the record is written.
+    pub reservation: Option<super::budget::Reservation>,
 }
 
 /// Where a tapped body leaves the usage it found, for the audit record.

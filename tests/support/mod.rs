@@ -343,6 +343,37 @@ impl Seen {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub gate: Arc<Gate>,
+}
+
+/// Holds chat requests sent with `?hold=1` before they are answered, until [`Gate::open`].
+pub struct Gate {
+    held: std::sync::atomic::AtomicUsize,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            held: Default::default(),
+            open: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Gate {
+    /// How many requests are waiting at the gate now.
+    pub fn held(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+    async fn pass(&self) {
+        self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.open.subscribe().wait_for(|o| *o).await;
+        self.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Upstream {
@@ -383,6 +414,8 @@ where
 }
 
 /// The test upstream. Paths (after any prefix):
+/// - `.../chat/completions`: OpenAI-style, JSON or SSE (`"stream": true`) with usage; `?no_usage=1`
+///   leaves usage out, `?hold=1` waits at the [`Gate`] before answering
 /// - `.../sse?n=N&gap_ms=G`: N SSE events, G ms apart
 /// - `.../bytes?n=N`: N bytes streamed in 64 KiB chunks
 /// - `.../count`: reads the request body, answers `{"bytes":N}`
@@ -392,6 +425,7 @@ where
 async fn upstream_service(
     req: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    gate: Arc<Gate>,
 ) -> Result<Response<UpBody>, Infallible> {
     let target = req
         .uri()
@@ -426,6 +460,10 @@ async fn upstream_service(
             .unwrap_or_default();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let model = v["model"].as_str().unwrap_or("unknown").to_owned();
+        let with_usage = num("no_usage", 0) == 0;
+        if num("hold", 0) == 1 {
+            gate.pass().await;
+        }
         if v["stream"].as_bool() == Some(true) {
             let mut events = Vec::new();
             for word in ["Hel", "lo", "!"] {
@@ -433,7 +471,7 @@ async fn upstream_service(
                     "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
                 ));
             }
-            if v["stream_options"]["include_usage"].as_bool() == Some(true) {
+            if with_usage && v["stream_options"]["include_usage"].as_bool() == Some(true) {
                 events.push(format!(
                     "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"cost\":0.00042}}}}\n\n"
                 ));
@@ -447,11 +485,14 @@ async fn upstream_service(
                 .body(stream_body(s))
                 .unwrap()
         } else {
-            let out = serde_json::json!({
+            let mut out = serde_json::json!({
                 "id": "c1", "object": "chat.completion", "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}}],
                 "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
             });
+            if !with_usage {
+                out.as_object_mut().unwrap().remove("usage");
+            }
             Response::builder()
                 .header("content-type", "application/json")
                 .body(full(out.to_string()))
@@ -534,21 +575,24 @@ pub async fn upstream() -> Upstream {
     let addr = listener.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let seen2 = seen.clone();
+    let gate: Arc<Gate> = Arc::default();
+    let gate2 = gate.clone();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let seen = seen2.clone();
+            let gate = gate2.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| upstream_service(req, seen.clone()));
+                let svc = service_fn(move |req| upstream_service(req, seen.clone(), gate.clone()));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
         }
     });
-    Upstream { addr, seen }
+    Upstream { addr, seen, gate }
 }
 
 /// A WebSocket echo upstream (tungstenite). Returns its address.

@@ -1,0 +1,560 @@
+//! Budgets and reservations (SPEC §7 "Budgets", "Reservations").
+//!
+//! The [`Book`] holds, per key and for the gateway as a whole, what was spent in the current
+//! UTC day, week and month, and what requests in flight have reserved. Admission and settlement
+//! both take its one lock, so "check, then add" is one step: fifty parallel requests see each
+//! other's reservations and cannot overspend together. The book outlives any one config (like the
+//! rate limiters), so a reload changes the caps, never the spend; at startup it is rebuilt from
+//! the ledger, so a restart does not reset a budget either.
+//!
+//! Written by hand: this is bookkeeping over the ledger's own rows (governor's GCRA meters a rate,
+//! not a sum of token counts over calendar periods), and no crate keeps calendar-period totals
+//! with reservations.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+}
+
+pub const PERIODS: [Period; 3] = [Period::Day, Period::Week, Period::Month];
+
+impl Period {
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Start and end, in seconds since the epoch, of the UTC calendar period holding `t`: a day
+    /// from 00:00Z, a week from Monday, a month from the 1st.
+    pub fn bounds(self, t: i64) -> (i64, i64) {
+        const DAY: i64 = 86_400;
+        let days = t.div_euclid(DAY);
+        match self {
+            Period::Day => (days * DAY, (days + 1) * DAY),
+            Period::Week => {
+                // 1970-01-01 was a Thursday: three days after a Monday.
+                let monday = days - (days + 3).rem_euclid(7);
+                (monday * DAY, (monday + 7) * DAY)
+            }
+            Period::Month => {
+                let (y, m, _) = civil_from_days(days);
+                let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (
+                    days_from_civil(y, m, 1) * DAY,
+                    days_from_civil(ny, nm, 1) * DAY,
+                )
+            }
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Tokens,
+    Cost,
+}
+
+impl Unit {
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Tokens => "tokens",
+            Unit::Cost => "cost_usd",
+        }
+    }
+}
+
+/// One cap: `tokens_per_day = 200000` is `Cap { Day, Tokens, 200000.0 }`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cap {
+    pub period: Period,
+    pub unit: Unit,
+    pub limit: f64,
+}
+
+/// Tokens and USD together: a spend, a reservation or a charge.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Amount {
+    pub tokens: f64,
+    pub cost: f64,
+}
+
+impl Amount {
+    fn get(&self, unit: Unit) -> f64 {
+        match unit {
+            Unit::Tokens => self.tokens,
+            Unit::Cost => self.cost,
+        }
+    }
+
+    fn add(&mut self, o: Amount) {
+        self.tokens += o.tokens;
+        self.cost += o.cost;
+    }
+
+    fn sub(&mut self, o: Amount) {
+        self.tokens = (self.tokens - o.tokens).max(0.0);
+        self.cost = (self.cost - o.cost).max(0.0);
+    }
+}
+
+/// Who a cap belongs to: a key (by id), or the gateway as a whole (`None`).
+pub type Scope = Option<Arc<str>>;
+
+#[derive(Debug, Default)]
+struct Account {
+    /// Start of the period each total belongs to (by [`Period::index`]).
+    start: [i64; 3],
+    spent: [Amount; 3],
+    /// Reserved by requests in flight; not tied to a period.
+    reserved: Amount,
+}
+
+impl Account {
+    /// Starts a new period's total when `now` has left the one on record. A clock that steps
+    /// back keeps the newer period's total rather than resetting it.
+    fn roll(&mut self, now: i64) {
+        for p in PERIODS {
+            let start = p.bounds(now).0;
+            if start > self.start[p.index()] {
+                self.start[p.index()] = start;
+                self.spent[p.index()] = Amount::default();
+            }
+        }
+    }
+}
+
+/// The `budget` audit event (SPEC §7).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetEvent {
+    pub ts: String,
+    pub event: &'static str,
+    pub key_id: Option<String>,
+    pub period: &'static str,
+    pub unit: &'static str,
+    pub spent: f64,
+    pub limit: f64,
+    pub threshold: u8,
+}
+
+#[derive(Default)]
+pub struct Book {
+    accounts: Mutex<HashMap<Scope, Account>>,
+}
+
+/// The caps a request is held to: its key's and the gateway's.
+#[derive(Debug, Clone, Default)]
+pub struct Applies {
+    pub key: Scope,
+    pub key_caps: Vec<Cap>,
+    pub gateway_caps: Vec<Cap>,
+}
+
+impl Applies {
+    fn scopes(&self) -> impl Iterator<Item = (&Scope, &[Cap])> {
+        let key = self
+            .key
+            .as_ref()
+            .map(|_| (&self.key, self.key_caps.as_slice()));
+        key.into_iter()
+            .chain(std::iter::once((&None, self.gateway_caps.as_slice())))
+    }
+}
+
+/// Held by an admitted request until its usage is known. Dropped unsettled (the request never
+/// reached the upstream, or became a WebSocket tunnel), it is released without a charge.
+pub struct Reservation {
+    book: Arc<Book>,
+    applies: Applies,
+    own: Amount,
+    settled: bool,
+}
+
+impl Book {
+    /// A book with the spend of the current periods, as read from the ledger: one entry per key
+    /// (`None`: requests without a key) and period. The gateway's totals are their sum.
+    pub fn rebuild(rows: &[(Option<String>, Period, Amount)], now: i64) -> Book {
+        let book = Book::default();
+        {
+            let mut acc = book.lock();
+            for (key, period, amount) in rows {
+                let mut scopes = vec![None];
+                if let Some(k) = key {
+                    scopes.push(Some(Arc::<str>::from(k.as_str())));
+                }
+                for scope in scopes {
+                    let a = acc.entry(scope).or_default();
+                    a.roll(now);
+                    a.spent[period.index()].add(*amount);
+                }
+            }
+        }
+        book
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Scope, Account>> {
+        // A panic while holding the lock leaves consistent numbers (every update is a plain
+        // add); keep serving rather than poisoning every later request.
+        self.accounts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a request that would reserve `own`, or says how long until the latest of the spent
+    /// caps' periods ends. A cap refuses when its spend has reached it, or when spend plus what is
+    /// reserved in flight plus `own` would pass it.
+    pub fn admit(
+        self: &Arc<Self>,
+        applies: Applies,
+        own: Amount,
+        now: i64,
+    ) -> Result<Reservation, Duration> {
+        let mut acc = self.lock();
+        let mut refused_until: Option<i64> = None;
+        for (scope, caps) in applies.scopes() {
+            let a = acc.entry(scope.clone()).or_default();
+            a.roll(now);
+            for cap in caps {
+                let spent = a.spent[cap.period.index()].get(cap.unit);
+                let reserved = a.reserved.get(cap.unit);
+                if spent >= cap.limit || spent + reserved + own.get(cap.unit) > cap.limit {
+                    let end = cap.period.bounds(now).1;
+                    refused_until = Some(refused_until.map_or(end, |e| e.max(end)));
+                }
+            }
+        }
+        if let Some(end) = refused_until {
+            return Err(Duration::from_secs((end - now).max(1) as u64));
+        }
+        for (scope, _) in applies.scopes() {
+            acc.entry(scope.clone()).or_default().reserved.add(own);
+        }
+        drop(acc);
+        Ok(Reservation {
+            book: self.clone(),
+            applies,
+            own,
+            settled: false,
+        })
+    }
+
+    /// What is left of each cap, for `portcullis_budget_remaining`.
+    pub fn remaining(&self, scope: &Scope, caps: &[Cap], now: i64) -> Vec<(Cap, f64)> {
+        let mut acc = self.lock();
+        let a = acc.entry(scope.clone()).or_default();
+        a.roll(now);
+        caps.iter()
+            .map(|c| {
+                (
+                    *c,
+                    (c.limit - a.spent[c.period.index()].get(c.unit)).max(0.0),
+                )
+            })
+            .collect()
+    }
+
+    /// Spent in the current periods (tests and the admin view).
+    pub fn spent(&self, scope: &Scope, period: Period, now: i64) -> Amount {
+        let mut acc = self.lock();
+        let a = acc.entry(scope.clone()).or_default();
+        a.roll(now);
+        a.spent[period.index()]
+    }
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("applies", &self.applies)
+            .field("own", &self.own)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reservation {
+    pub fn amount(&self) -> Amount {
+        self.own
+    }
+
+    /// Replaces the reservation by what the request really cost. Returns the `budget` events of
+    /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both),
+    /// and what is now left of each cap.
+    pub fn settle(mut self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, Vec<Remaining>) {
+        self.settled = true;
+        let mut events = Vec::new();
+        let mut left = Vec::new();
+        let mut acc = self.book.lock();
+        for (scope, caps) in self.applies.scopes() {
+            let a = acc.entry(scope.clone()).or_default();
+            a.roll(now);
+            a.reserved.sub(self.own);
+            let before = a.spent;
+            for p in PERIODS {
+                a.spent[p.index()].add(charged);
+            }
+            for cap in caps {
+                let was = before[cap.period.index()].get(cap.unit);
+                let is = a.spent[cap.period.index()].get(cap.unit);
+                for threshold in [80u8, 100] {
+                    let line = cap.limit * f64::from(threshold) / 100.0;
+                    if was < line && is >= line {
+                        events.push(BudgetEvent {
+                            ts: crate::audit::now_rfc3339(),
+                            event: "budget",
+                            key_id: scope.as_deref().map(str::to_owned),
+                            period: cap.period.name(),
+                            unit: cap.unit.name(),
+                            spent: is,
+                            limit: cap.limit,
+                            threshold,
+                        });
+                    }
+                }
+                left.push(Remaining {
+                    scope: scope.clone(),
+                    cap: *cap,
+                    left: (cap.limit - is).max(0.0),
+                });
+            }
+        }
+        (events, left)
+    }
+}
+
+/// What is left of one cap after a charge.
+pub struct Remaining {
+    pub scope: Scope,
+    pub cap: Cap,
+    pub left: f64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let mut acc = self.book.lock();
+        for (scope, _) in self.applies.scopes() {
+            if let Some(a) = acc.get_mut(scope) {
+                a.reserved.sub(self.own);
+            }
+        }
+    }
+}
+
+/// The seconds since the epoch, now.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> i64 {
+        humantime::parse_rfc3339(s)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    }
+
+    #[test]
+    fn calendar_periods_in_utc() {
+        let t = ts("2026-11-23T16:20:00Z"); // a Monday
+        assert_eq!(
+            Period::Day.bounds(t),
+            (ts("2026-11-23T00:00:00Z"), ts("2026-11-24T00:00:00Z"))
+        );
+        assert_eq!(
+            Period::Week.bounds(t),
+            (ts("2026-11-23T00:00:00Z"), ts("2026-11-30T00:00:00Z"))
+        );
+        assert_eq!(
+            Period::Week.bounds(ts("2026-11-29T23:59:59Z")),
+            (ts("2026-11-23T00:00:00Z"), ts("2026-11-30T00:00:00Z"))
+        );
+        assert_eq!(
+            Period::Month.bounds(t),
+            (ts("2026-11-01T00:00:00Z"), ts("2026-12-01T00:00:00Z"))
+        );
+        assert_eq!(
+            Period::Month.bounds(ts("2026-12-31T23:59:59Z")),
+            (ts("2026-12-01T00:00:00Z"), ts("2027-01-01T00:00:00Z"))
+        );
+        assert_eq!(
+            Period::Month.bounds(ts("2028-02-29T12:00:00Z")),
+            (ts("2028-02-01T00:00:00Z"), ts("2028-03-01T00:00:00Z"))
+        );
+        // 1970-01-01 was a Thursday: its week began three days before the epoch.
+        assert_eq!(Period::Week.bounds(0), (-3 * 86_400, 4 * 86_400));
+        // Every day of four centuries round-trips through the civil calendar.
+        for d in -146_097..146_097 {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    fn applies(key: &str, key_caps: Vec<Cap>, gateway_caps: Vec<Cap>) -> Applies {
+        Applies {
+            key: Some(Arc::from(key)),
+            key_caps,
+            gateway_caps,
+        }
+    }
+
+    fn tokens(n: f64) -> Amount {
+        Amount {
+            tokens: n,
+            cost: 0.0,
+        }
+    }
+
+    const DAY_100: Cap = Cap {
+        period: Period::Day,
+        unit: Unit::Tokens,
+        limit: 100.0,
+    };
+
+    #[test]
+    fn reservations_in_flight_count_against_the_cap() {
+        let book = Arc::new(Book::default());
+        let now = ts("2026-11-23T16:20:00Z");
+        let a = || applies("phone", vec![DAY_100], vec![]);
+        let held: Vec<_> = (0..4)
+            .map(|_| book.admit(a(), tokens(25.0), now).unwrap())
+            .collect();
+        let refused = book.admit(a(), tokens(25.0), now).unwrap_err();
+        assert_eq!(
+            refused,
+            Duration::from_secs((ts("2026-11-24T00:00:00Z") - now) as u64)
+        );
+        // Settled below their reservations, they free room for more.
+        for r in held {
+            let _ = r.settle(tokens(10.0), now);
+        }
+        assert_eq!(
+            book.spent(&Some(Arc::from("phone")), Period::Day, now),
+            tokens(40.0)
+        );
+        assert!(book.admit(a(), tokens(25.0), now).is_ok());
+    }
+
+    #[test]
+    fn a_dropped_reservation_is_released_and_a_new_day_starts_from_zero() {
+        let book = Arc::new(Book::default());
+        let now = ts("2026-11-23T23:59:00Z");
+        let a = || applies("phone", vec![DAY_100], vec![]);
+        drop(book.admit(a(), tokens(100.0), now).unwrap());
+        let r = book.admit(a(), tokens(100.0), now).unwrap();
+        let _ = r.settle(tokens(100.0), now);
+        assert!(book.admit(a(), tokens(0.0), now).is_err());
+        assert!(book.admit(a(), tokens(1.0), now + 60).is_ok());
+    }
+
+    #[test]
+    fn one_charge_crossing_both_thresholds_writes_both_events() {
+        let book = Arc::new(Book::default());
+        let now = ts("2026-11-23T12:00:00Z");
+        let gw = Cap {
+            period: Period::Month,
+            unit: Unit::Cost,
+            limit: 1.0,
+        };
+        let a = || applies("phone", vec![DAY_100], vec![gw]);
+        let (ev, _) = book
+            .admit(a(), tokens(10.0), now)
+            .unwrap()
+            .settle(tokens(79.0), now);
+        assert!(ev.is_empty());
+        let (ev, left) = book.admit(a(), tokens(10.0), now).unwrap().settle(
+            Amount {
+                tokens: 30.0,
+                cost: 0.85,
+            },
+            now,
+        );
+        let got: Vec<_> = ev
+            .iter()
+            .map(|e| (e.key_id.as_deref(), e.period, e.unit, e.threshold))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some("phone"), "day", "tokens", 80),
+                (Some("phone"), "day", "tokens", 100),
+                (None, "month", "cost_usd", 80),
+            ]
+        );
+        assert_eq!(left.len(), 2);
+        assert_eq!(left[0].left, 0.0);
+        assert!((left[1].left - 0.15).abs() < 1e-9);
+        // The gateway's month cap is not spent, but the key's day is: 429 until midnight.
+        assert_eq!(
+            book.admit(a(), tokens(1.0), now).unwrap_err(),
+            Duration::from_secs(12 * 3600)
+        );
+    }
+
+    #[test]
+    fn the_latest_end_of_the_spent_caps_is_the_retry_after() {
+        let now = ts("2026-11-23T12:00:00Z");
+        let week = Cap {
+            period: Period::Week,
+            unit: Unit::Tokens,
+            limit: 50.0,
+        };
+        let book = Arc::new(Book::rebuild(
+            &[(Some("phone".into()), Period::Week, tokens(60.0))],
+            now,
+        ));
+        let a = applies("phone", vec![DAY_100, week], vec![]);
+        assert_eq!(
+            book.admit(a, tokens(1.0), now).unwrap_err(),
+            Duration::from_secs((ts("2026-11-30T00:00:00Z") - now) as u64)
+        );
+        // The rebuilt spend counts for the gateway as a whole too.
+        assert_eq!(book.spent(&None, Period::Week, now), tokens(60.0));
+        assert_eq!(book.spent(&None, Period::Day, now), tokens(0.0));
+    }
+}
