@@ -49,6 +49,30 @@ async fn upstream_svc(
             .body(BodyExt::boxed(StreamBody::new(s)))
             .unwrap());
     }
+    if path.ends_with("/chat_stream") {
+        // An OpenAI-style stream as fast as the upstream can send it: n chunk events, one per
+        // frame, then the usage event and [DONE].
+        let n: u32 = q
+            .strip_prefix("n=")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let s = futures_util::stream::iter((0..=n + 1).map(move |i| {
+            let ev = if i < n {
+                format!(
+                    "data: {{\"id\":\"chatcmpl-abc123\",\"object\":\"chat.completion.chunk\",\"model\":\"openai/gpt-4o-mini\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"token {i} \"}},\"finish_reason\":null}}]}}\n\n"
+                )
+            } else if i == n {
+                "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":3}}\n\n".to_owned()
+            } else {
+                "data: [DONE]\n\n".to_owned()
+            };
+            Ok::<_, Infallible>(Frame::data(Bytes::from(ev)))
+        }));
+        return Ok(http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(BodyExt::boxed(StreamBody::new(s)))
+            .unwrap());
+    }
     if path.ends_with("/bytes") {
         let n: u64 = q
             .strip_prefix("n=")
@@ -161,7 +185,8 @@ fn start_gateway(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n{tls_section}[audit]\noutput = \"{}/audit.jsonl\"\n\
          [limits]\nper_ip = \"1000000/s\"\nper_key = \"1000000/s\"\n[[keys]]\nid = \"bench\"\nhash = \"{}\"\n\
          [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"http://{upstream}\"\ntimeout = \"60s\"\n\
-         [routes.upstream_headers]\nauthorization = \"Bearer sk-upstream\"\n",
+         [routes.upstream_headers]\nauthorization = \"Bearer sk-upstream\"\n\
+         [[routes]]\nname = \"llm\"\npath = \"/llm/\"\nupstream = \"http://{upstream}\"\ntimeout = \"60s\"\nllm = true\n",
         dir.display(),
         portcullis::keys::hash_string(KEY)
     );
@@ -355,6 +380,29 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
         }
     }
     out
+}
+
+/// Seconds to receive a whole `chat_stream` of `n` events from `path`.
+async fn stream_secs(addr: SocketAddr, path: &str, n: u32) -> f64 {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let t0 = Instant::now();
+    let req = http::Request::get(format!("{path}?n={n}"))
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let mut got = 0usize;
+    while let Some(f) = body.frame().await {
+        got += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+    }
+    assert!(got > n as usize * 100);
+    t0.elapsed().as_secs_f64()
 }
 
 /// Runs wrk against the gateway and the direct upstream, alternately, twice each; adds the
@@ -568,6 +616,37 @@ fn main() {
         ),
         String::new(),
         String::new(),
+    );
+
+    // SSE usage scanning (SPEC §7): the same fast stream through a plain route and an `llm`
+    // route, alternately; the median of five rounds each.
+    let n = 20_000u32;
+    let (mut plain, mut llm, mut direct) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..5 {
+        direct.push(rt.block_on(stream_secs(up_addr, "/v1/chat_stream", n)));
+        plain.push(rt.block_on(stream_secs(gw.addr, "/v1/chat_stream", n)));
+        llm.push(rt.block_on(stream_secs(gw.addr, "/llm/chat_stream", n)));
+    }
+    for v in [&mut plain, &mut llm, &mut direct] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let (p, l, d) = (pct(&plain, 0.5), pct(&llm, 0.5), pct(&direct, 0.5));
+    row(
+        "SSE events/s, usage scanning off (plain route)",
+        format!("{:.0}", n as f64 / p),
+        format!("{:.0}", n as f64 / d),
+        format!("{:.2}", d / p),
+    );
+    row(
+        "SSE events/s, usage scanning on (llm route)",
+        format!("{:.0}", n as f64 / l),
+        format!("{:.0}", n as f64 / d),
+        format!(
+            "{:.2}; scanning costs {:.1} % and {:.2} µs per event",
+            d / l,
+            (1.0 - p / l) * 100.0,
+            (l - p) / n as f64 * 1e6
+        ),
     );
 
     let rss_after = rss_kib(gw.proc.0.id());

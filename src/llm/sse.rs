@@ -54,29 +54,40 @@ impl Scanner {
                 base = 3;
             }
         }
-        for (i, &b) in input.iter().enumerate() {
-            let at = base + i + 1;
+        // Whole runs between line ends are copied at once (memchr), not byte by byte.
+        let mut i = 0;
+        while i < input.len() {
             if self.last_cr {
                 self.last_cr = false;
-                if b == b'\n' {
+                if input[i] == b'\n' {
                     // The LF of a CRLF whose CR ended the line already.
+                    i += 1;
                     continue;
                 }
             }
-            match b {
-                b'\r' => {
-                    self.last_cr = true;
-                    self.end_line(at, &mut on_event);
+            match memchr::memchr2(b'\r', b'\n', &input[i..]) {
+                None => {
+                    self.push_line(&input[i..]);
+                    break;
                 }
-                b'\n' => self.end_line(at, &mut on_event),
-                _ => {
-                    if self.line.len() < self.limit {
-                        self.line.push(b);
-                    } else {
-                        self.oversized = true;
-                    }
+                Some(p) => {
+                    self.push_line(&input[i..i + p]);
+                    self.last_cr = input[i + p] == b'\r';
+                    self.end_line(base + i + p + 1, &mut on_event);
+                    i += p + 1;
                 }
             }
+        }
+    }
+
+    /// Appends to the current line up to `limit`; past it the event is marked oversized.
+    fn push_line(&mut self, s: &[u8]) {
+        let room = self.limit.saturating_sub(self.line.len());
+        if s.len() > room {
+            self.line.extend_from_slice(&s[..room]);
+            self.oversized = true;
+        } else {
+            self.line.extend_from_slice(s);
         }
     }
 
@@ -95,7 +106,7 @@ impl Scanner {
         }
         if !self.oversized {
             let line = &self.line;
-            let (field, value) = match line.iter().position(|&c| c == b':') {
+            let (field, value) = match memchr::memchr(b':', line) {
                 Some(0) => (&line[..0], None), // comment
                 Some(p) => {
                     let v = &line[p + 1..];

@@ -232,7 +232,7 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
                         scanner.feed_blocks(data, |event, end| {
                             let mut drop_it = false;
                             if let Some(event) = event
-                                && event.windows(7).any(|w| w == b"\"usage\"")
+                                && memchr::memmem::find(event, b"\"usage\"").is_some()
                                 && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
                             {
                                 if let Some(u) = from_json(&v) {
@@ -267,7 +267,7 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
                     } else {
                         scanner.feed(data, |event, _| {
                             // Cheap pre-check: most events carry no usage at all.
-                            if event.windows(7).any(|w| w == b"\"usage\"")
+                            if memchr::memmem::find(event, b"\"usage\"").is_some()
                                 && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
                                 && let Some(u) = from_json(&v)
                             {
