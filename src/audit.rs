@@ -217,12 +217,9 @@ impl Drop for RecordGuard {
                 _ => crate::llm::budget::Amount::default(),
             };
             if let Some(r) = llm.reservation {
-                let (events, left) = r.settle(charged, crate::llm::budget::now_secs());
+                let (events, _) = r.settle(charged, crate::llm::budget::now_secs());
                 for e in &events {
                     self.audit.emit(e);
-                }
-                for l in left {
-                    crate::metrics::budget_remaining(l.scope.as_deref(), l.cap, l.left);
                 }
             }
             if let (Some(ledger), Some(route)) = (&self.ledger, &self.record.route) {

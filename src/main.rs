@@ -160,6 +160,13 @@ fn check(cli_path: Option<PathBuf>) -> ExitCode {
             }
             let ids: Vec<&str> = cfg.keys.iter().map(|k| k.id.as_str()).collect();
             println!("keys: {} [{}]", ids.len(), ids.join(", "));
+            let scopes = std::iter::once(("(gateway)", &cfg.budgets))
+                .chain(cfg.keys.iter().map(|k| (k.id.as_str(), &k.budget)))
+                .filter(|(_, caps)| !caps.is_empty());
+            for (who, caps) in scopes {
+                let caps: Vec<String> = caps.iter().map(|c| c.to_string()).collect();
+                println!("budget {who}: {}", caps.join(", "));
+            }
             ExitCode::SUCCESS
         }
     }

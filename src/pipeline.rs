@@ -128,9 +128,7 @@ impl Shared {
                 .map(|(k, id)| (Some(id.clone()), k.budget.as_slice())),
         );
         for (scope, caps) in scopes {
-            for (cap, left) in book.remaining(&scope, caps, now) {
-                crate::metrics::budget_remaining(scope.as_deref(), cap, left);
-            }
+            book.publish(&scope, caps, now);
         }
     }
 }

@@ -333,3 +333,36 @@ async fn traffic_goes_on_and_budgets_hold_while_the_ledger_cannot_be_written() {
     assert!(metric(&gw, "portcullis_ledger_errors_total").await >= Some(1.0));
     blocker.execute_batch("ROLLBACK").unwrap();
 }
+
+#[tokio::test]
+async fn a_schema_1_ledger_is_upgraded_and_its_rows_count_at_startup() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    // A ledger as the first version wrote it, with 40 tokens spent by `phone` just now.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch(
+        "PRAGMA application_id = 1346590805; PRAGMA user_version = 1;
+         CREATE TABLE usage (
+           ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
+           model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
+           usage_source TEXT NOT NULL);
+         CREATE INDEX usage_ts ON usage (ts_ms);",
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO usage VALUES (?1, 'r1', 'phone', 'bridge', 'm', 30, 10, NULL, 'upstream')",
+        [now() * 1000],
+    )
+    .unwrap();
+    drop(conn);
+    let gw = Gateway::start(&config(&up, &db, "", "budget = { tokens_per_day = 40 }")).await;
+    let (status, retry) = ask(&gw, PHONE, "", &chat(1, false)).await;
+    assert_eq!(status, 429);
+    assert_retry_after(retry, Period::Day);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 2);
+}

@@ -111,6 +111,23 @@ pub struct Cap {
     pub limit: f64,
 }
 
+impl std::fmt::Display for Cap {
+    /// As written in the config: `cost_per_day = 1`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.unit {
+            Unit::Tokens => "tokens",
+            Unit::Cost => "cost",
+        };
+        write!(f, "{unit}_per_{} = {}", self.period.name(), self.limit)
+    }
+}
+
+/// Rounds a USD figure to a billionth of a dollar, so sums of prices print as the operator
+/// would write them (0.812, not 0.8120000000000003).
+pub fn round_usd(v: f64) -> f64 {
+    (v * 1e9).round() / 1e9
+}
+
 /// Tokens and USD together: a spend, a reservation or a charge.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Amount {
@@ -275,19 +292,15 @@ impl Book {
         })
     }
 
-    /// What is left of each cap, for `portcullis_budget_remaining`.
-    pub fn remaining(&self, scope: &Scope, caps: &[Cap], now: i64) -> Vec<(Cap, f64)> {
+    /// Sets `portcullis_budget_remaining` for each of `scope`'s caps (startup, reload).
+    pub fn publish(&self, scope: &Scope, caps: &[Cap], now: i64) {
         let mut acc = self.lock();
         let a = acc.entry(scope.clone()).or_default();
         a.roll(now);
-        caps.iter()
-            .map(|c| {
-                (
-                    *c,
-                    (c.limit - a.spent[c.period.index()].get(c.unit)).max(0.0),
-                )
-            })
-            .collect()
+        for c in caps {
+            let left = (c.limit - a.spent[c.period.index()].get(c.unit)).max(0.0);
+            crate::metrics::budget_remaining(scope.as_deref(), *c, round_usd(left));
+        }
     }
 
     /// Spent in the current periods (tests and the admin view).
@@ -315,7 +328,7 @@ impl Reservation {
 
     /// Replaces the reservation by what the request really cost. Returns the `budget` events of
     /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both),
-    /// and what is now left of each cap.
+    /// and what is now left of each cap (also set in `portcullis_budget_remaining`).
     pub fn settle(mut self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, Vec<Remaining>) {
         self.settled = true;
         let mut events = Vec::new();
@@ -341,16 +354,25 @@ impl Reservation {
                             key_id: scope.as_deref().map(str::to_owned),
                             period: cap.period.name(),
                             unit: cap.unit.name(),
-                            spent: is,
+                            spent: match cap.unit {
+                                Unit::Cost => round_usd(is),
+                                Unit::Tokens => is,
+                            },
                             limit: cap.limit,
                             threshold,
                         });
                     }
                 }
+                // Set under the lock, so the gauge follows the order of the charges.
+                crate::metrics::budget_remaining(
+                    scope.as_deref(),
+                    *cap,
+                    round_usd((cap.limit - is).max(0.0)),
+                );
                 left.push(Remaining {
                     scope: scope.clone(),
                     cap: *cap,
-                    left: (cap.limit - is).max(0.0),
+                    left: round_usd((cap.limit - is).max(0.0)),
                 });
             }
         }

@@ -248,7 +248,7 @@ pub fn totals(path: &Path, since_ms: i64, by: &str) -> Result<Vec<Total>, String
                 requests: r.get::<_, i64>(1)? as u64,
                 prompt_tokens: r.get::<_, i64>(2)? as u64,
                 completion_tokens: r.get::<_, i64>(3)? as u64,
-                cost_usd: r.get(4)?,
+                cost_usd: super::budget::round_usd(r.get(4)?),
             })
         })
         .map_err(|e| err(path, e))?;
