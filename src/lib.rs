@@ -64,6 +64,57 @@ pub fn load_checked(
     Ok((cfg, tls))
 }
 
+fn build_serve(
+    cfg: Config,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    ledger: Option<llm::ledger::Ledger>,
+    budgets: Option<Arc<llm::budget::Book>>,
+    audit: Audit,
+    shutdown: CancellationToken,
+) -> Arc<server::Serve> {
+    let limiters = rate_limit::Registry::new(cfg.limits.max_tracked_clients);
+    let serve = Arc::new(server::Serve {
+        semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
+        shared: Arc::new(Shared {
+            ledger,
+            budgets,
+            lockout: auth::Lockout::new(limiters.store_arc()),
+            live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
+            limiters,
+            forwarder: proxy::Forwarder::new(),
+            audit,
+            tunnels: TaskTracker::new(),
+        }),
+        tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
+        shutdown,
+        connections: TaskTracker::new(),
+    });
+    serve.shared.publish_budgets();
+    serve
+}
+
+/// The request handling of [`run`] without listeners, signals, ledger or admin: for benchmarks
+/// that drive whole connections through [`server::serve_stream`] (in-memory streams). TLS and
+/// the audit output are as `cfg` says.
+#[doc(hidden)]
+pub async fn embedded(cfg: Config) -> Result<Arc<server::Serve>, StartError> {
+    let tls = match &cfg.tls {
+        None => None,
+        Some(files) => Some(tls::server_config(files).map_err(StartError::Other)?),
+    };
+    let audit = Audit::start(&cfg.audit)
+        .await
+        .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
+    Ok(build_serve(
+        cfg,
+        tls,
+        None,
+        None,
+        audit,
+        CancellationToken::new(),
+    ))
+}
+
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     if env.dotenv_too_open {
@@ -125,24 +176,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
     let grace = cfg.server.shutdown_grace;
-    let limiters = rate_limit::Registry::new(cfg.limits.max_tracked_clients);
-    let serve = Arc::new(server::Serve {
-        semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
-        shared: Arc::new(Shared {
-            ledger,
-            budgets,
-            lockout: auth::Lockout::new(limiters.store_arc()),
-            live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
-            limiters,
-            forwarder: proxy::Forwarder::new(),
-            audit: audit.clone(),
-            tunnels: TaskTracker::new(),
-        }),
-        tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
-        shutdown: shutdown.clone(),
-        connections: TaskTracker::new(),
-    });
-    serve.shared.publish_budgets();
+    let serve = build_serve(cfg, tls, ledger, budgets, audit.clone(), shutdown.clone());
 
     let mut accept_tasks = Vec::new();
     for (l, _) in listeners.bound {

@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -176,7 +176,31 @@ pub async fn accept_loop(serve: Arc<Serve>, listener: TcpListener) {
     }
 }
 
-async fn connection(serve: Arc<Serve>, stream: TcpStream, peer: SocketAddr, state: Arc<ConnState>) {
+/// Serves one already-accepted stream as [`accept_loop`] would (TLS if configured); returns when
+/// the connection ends. For benchmarks that drive the gateway over in-memory streams. `None` when
+/// `max_connections` are already open.
+#[doc(hidden)]
+pub fn serve_stream<S>(
+    serve: Arc<Serve>,
+    stream: S,
+    peer: SocketAddr,
+) -> Option<impl std::future::Future<Output = ()>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let permit = serve.semaphore.clone().try_acquire_owned().ok()?;
+    Some(connection(
+        serve,
+        stream,
+        peer,
+        Arc::new(ConnState::new(permit)),
+    ))
+}
+
+async fn connection<S>(serve: Arc<Serve>, stream: S, peer: SocketAddr, state: Arc<ConnState>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let live = serve.shared.live.load_full();
     let cfg = &live.config;
     // One clock from accept: the TLS handshake and the first request head share header_timeout.

@@ -112,3 +112,57 @@ async fn tls_1_2_and_1_3_are_served_and_plaintext_is_not() {
     let (status, _) = raw_get(gw.addr, "/x").await;
     assert_ne!(status, 200);
 }
+
+/// One HTTP/1.1 GET over TLS with `cfg`; how the handshake went (full or resumed).
+async fn handshake_kind(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> rustls::HandshakeKind {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // Reading to the end also takes in the session tickets a TLS 1.3 server sends.
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&out)), 200);
+    tls.get_ref().1.handshake_kind().unwrap()
+}
+
+#[tokio::test]
+async fn a_returning_client_resumes_its_session_with_1_2_and_1_3() {
+    let up = upstream().await;
+    let p = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section(""),
+        p.tls_section(dir.path()),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        // One client config: its in-memory session store carries the ticket to the second dial.
+        let cfg = Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(roots(&p.ca_pem))
+                .with_no_client_auth(),
+        );
+        assert_eq!(
+            handshake_kind(gw.addr, cfg.clone()).await,
+            rustls::HandshakeKind::Full,
+            "{version:?}"
+        );
+        assert_eq!(
+            handshake_kind(gw.addr, cfg).await,
+            rustls::HandshakeKind::Resumed,
+            "{version:?}"
+        );
+    }
+}
