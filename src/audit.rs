@@ -152,7 +152,7 @@ pub struct RequestRecord {
     pub event: &'static str,
     pub request_id: String,
     pub client_ip: IpAddr,
-    pub method: String,
+    pub method: std::borrow::Cow<'static, str>,
     pub path: String,
     pub route: Option<String>,
     pub key_id: Option<String>,
@@ -177,6 +177,8 @@ pub struct RecordGuard {
     pub llm: Option<crate::llm::usage::LlmAudit>,
     /// The usage ledger, when `usage.database` is set: `llm` records also become ledger rows.
     pub ledger: Option<crate::llm::ledger::Ledger>,
+    /// The route's request series (none when no route matched).
+    pub metrics: Option<Arc<crate::metrics::RouteMetrics>>,
     pub record: RequestRecord,
     pub start: Instant,
     pub bytes_in: Arc<AtomicU64>,
@@ -244,7 +246,12 @@ impl Drop for RecordGuard {
         }
         let elapsed = self.start.elapsed();
         self.record.duration_ms = ms(elapsed);
-        crate::metrics::request(self.record.route.as_deref(), self.record.outcome, elapsed);
+        match (&self.metrics, &self.record.route) {
+            (Some(m), Some(route)) => m.request(route, self.record.outcome, elapsed),
+            _ => {
+                crate::metrics::request(self.record.route.as_deref(), self.record.outcome, elapsed)
+            }
+        }
         match (self.slot.take(), serde_json::to_vec(&self.record)) {
             (Some(Slot(permit)), Ok(mut line)) => {
                 line.push(b'\n');

@@ -22,6 +22,8 @@ pub struct Live {
     pub key_own: Vec<Option<Arc<Limiter>>>,
     /// `[limits].per_key`, shared by keys and routes that set nothing.
     pub default_key: Option<Arc<Limiter>>,
+    /// Each route's request series (by `Route::index`).
+    pub route_metrics: Vec<Arc<crate::metrics::RouteMetrics>>,
 }
 
 impl Live {
@@ -71,6 +73,11 @@ impl Live {
         registry.retain(&used);
         registry.store().resize(config.limits.max_tracked_clients);
         Live {
+            route_metrics: config
+                .routes
+                .iter()
+                .map(|r| Arc::new(crate::metrics::RouteMetrics::new(&r.name)))
+                .collect(),
             keys: KeyStore::new(&config.keys),
             key_ids: auth::key_ids(&config.keys),
             route_ip,

@@ -79,6 +79,40 @@ pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
         .record(duration.as_secs_f64());
 }
 
+/// A route's per-request series, registered once per config (not looked up by label on every
+/// request: that cost several allocations and a registry lookup each time).
+pub struct RouteMetrics {
+    forwarded: metrics::Counter,
+    duration: metrics::Histogram,
+    upstream: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> RouteMetrics {
+        RouteMetrics {
+            forwarded: counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => "forwarded"),
+            duration: histogram!("portcullis_request_duration_seconds", "route" => route.to_owned()),
+            upstream: histogram!("portcullis_upstream_duration_seconds", "route" => route.to_owned()),
+        }
+    }
+
+    /// [`request`] for this route.
+    pub fn request(&self, route: &str, outcome: &'static str, duration: Duration) {
+        if outcome == "forwarded" {
+            self.forwarded.increment(1);
+        } else {
+            counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => outcome)
+                .increment(1);
+        }
+        self.duration.record(duration.as_secs_f64());
+    }
+
+    /// [`upstream`] for this route.
+    pub fn upstream(&self, duration: Duration) {
+        self.upstream.record(duration.as_secs_f64());
+    }
+}
+
 pub fn upstream(route: &str, duration: Duration) {
     histogram!("portcullis_upstream_duration_seconds", "route" => route.to_owned())
         .record(duration.as_secs_f64());

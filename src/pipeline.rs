@@ -51,6 +51,9 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// What every request handler shares: the live config, the upstream client, the audit log.
 pub struct Shared {
@@ -100,6 +103,8 @@ struct Ctx {
     active: Option<Active>,
     /// On `llm` routes, once the request body was read.
     llm: Option<LlmCtx>,
+    /// The matched route's request series.
+    metrics: Option<Arc<crate::metrics::RouteMetrics>>,
 }
 
 /// What an `llm` request carries to its audit record.
@@ -171,6 +176,7 @@ pub async fn handle(
         slot,
         active: Some(active),
         llm: None,
+        metrics: None,
     };
 
     let (resp, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
@@ -214,11 +220,13 @@ async fn process(
         Match::Found(r) => r,
         Match::MethodNotAllowed(r) => {
             ctx.route = Some(r.name.clone());
+            ctx.metrics = Some(live.route_metrics[r.index].clone());
             return Err(GatewayError::MethodNotAllowed);
         }
         Match::NoRoute => return Err(GatewayError::NoRoute),
     };
     ctx.route = Some(route.name.clone());
+    ctx.metrics = Some(live.route_metrics[route.index].clone());
 
     // Step 5: IP allow/deny (deny wins), then lockout.
     check_ip_lists(route, ctx.client_ip)?;
@@ -562,6 +570,63 @@ fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, GatewayError> {
 
 /// A client-supplied `X-Request-Id` is kept only from a trusted proxy, and only when it is
 /// 1–128 characters of `[A-Za-z0-9._-]`: anything else could forge or break log correlation.
+/// An IP address as a header value, formatted on the stack (one copy, no temporary String).
+/// IPv4, the common case, is written digit by digit: `Display` costs several times as much.
+fn ip_header(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let n = match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            write!(cur, "{ip}").ok()?;
+            cur.position() as usize
+        }
+    };
+    HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
+/// The method for the audit record, without an allocation for the standard ones.
+fn method_name(m: &Method) -> std::borrow::Cow<'static, str> {
+    const STANDARD: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    const NAMES: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+    ];
+    match STANDARD.iter().position(|s| s == m) {
+        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
+    }
+}
+
 fn request_id<B>(req: &Request<B>, peer_trusted: bool) -> HeaderValue {
     if peer_trusted
         && let Some(v) = req.headers().get(&X_REQUEST_ID)
@@ -572,8 +637,9 @@ fn request_id<B>(req: &Request<B>, peer_trusted: bool) -> HeaderValue {
     {
         return v.clone();
     }
-    let id = ulid::Ulid::new().to_string();
-    HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("0"))
+    let mut buf = [0; ulid::ULID_LEN];
+    let id = ulid::Ulid::new().array_to_str(&mut buf);
+    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("0"))
 }
 
 async fn forward(
@@ -636,24 +702,26 @@ async fn forward(
             h.remove(name);
         }
         h.remove(header::AUTHORIZATION);
-        h.remove(HeaderName::from_static("x-api-key"));
+        h.remove(&X_API_KEY);
     }
     if let Some(v) = host_value {
         h.insert(header::HOST, v.clone());
         h.insert(&X_FORWARDED_HOST, v);
     }
+    let real_ip = ip_header(ctx.client_ip);
     let xff = match prior_xff {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip.to_string(),
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok(),
+        None if peer_ip == ctx.client_ip => real_ip.clone(),
+        None => ip_header(peer_ip),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(&X_FORWARDED_FOR, v);
     }
     h.insert(
         &X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Ok(v) = HeaderValue::from_str(&ctx.client_ip.to_string()) {
+    if let Some(v) = real_ip {
         h.insert(&X_REAL_IP, v);
     }
     h.insert(&X_REQUEST_ID, ctx.request_id.clone());
@@ -745,7 +813,9 @@ async fn forward(
         r => r?,
     };
     ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
-    crate::metrics::upstream(&route.name, sent.elapsed());
+    if let Some(m) = &ctx.metrics {
+        m.upstream(sent.elapsed());
+    }
     if let Some(LlmCtx {
         usage, injected, ..
     }) = &ctx.llm
@@ -795,22 +865,23 @@ fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static s
         audit: shared.audit.clone(),
         slot: ctx.slot.take(),
         ledger: shared.ledger.clone(),
+        metrics: ctx.metrics.clone(),
         record: RequestRecord {
             ts: String::new(),
             event: "request",
             request_id: ctx.request_id.to_str().unwrap_or("").to_owned(),
             client_ip: ctx.client_ip,
-            method: ctx.method.to_string(),
-            path: ctx.path.clone(),
-            route: ctx.route.clone(),
-            key_id: ctx.key_id.clone(),
+            method: method_name(&ctx.method),
+            path: std::mem::take(&mut ctx.path),
+            route: std::mem::take(&mut ctx.route),
+            key_id: std::mem::take(&mut ctx.key_id),
             status,
             outcome,
             bytes_in: 0,
             bytes_out: 0,
             duration_ms: 0.0,
             upstream_ms: ctx.upstream_ms,
-            user_agent: ctx.user_agent.clone(),
+            user_agent: std::mem::take(&mut ctx.user_agent),
             llm: None,
         },
         start: ctx.start,
@@ -839,24 +910,25 @@ fn finish(
     headers::add_security_headers(&mut parts.headers, conn.tls);
     parts.headers.insert(&X_REQUEST_ID, ctx.request_id.clone());
     if let Some((a, reset)) = ctx.rate {
-        // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it.
-        let policy = format!("{};w={}", a.limit, a.window.as_secs());
-        let state = format!(
+        // draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it. Written
+        // straight into the header's buffer (no temporary Strings on every request).
+        use std::fmt::Write;
+        let mut policy = bytes::BytesMut::with_capacity(24);
+        let mut state = bytes::BytesMut::with_capacity(48);
+        let _ = write!(policy, "{};w={}", a.limit, a.window.as_secs());
+        let _ = write!(
+            state,
             "limit={}, remaining={}, reset={}",
             a.limit,
             a.remaining,
             crate::error::retry_after_secs(reset)
         );
         if let (Ok(p), Ok(s)) = (
-            HeaderValue::from_str(&policy),
-            HeaderValue::from_str(&state),
+            HeaderValue::from_maybe_shared(policy.freeze()),
+            HeaderValue::from_maybe_shared(state.freeze()),
         ) {
-            parts
-                .headers
-                .insert(HeaderName::from_static("ratelimit-policy"), p);
-            parts
-                .headers
-                .insert(HeaderName::from_static("ratelimit"), s);
+            parts.headers.insert(&RATELIMIT_POLICY, p);
+            parts.headers.insert(&RATELIMIT, s);
         }
     }
     if let Some(origin) = &ctx.cors_origin {
@@ -888,4 +960,36 @@ fn finish(
         Some(Box::new(guard)),
     );
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_headers_read_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.255",
+            "192.168.1.20",
+            "255.255.255.255",
+            "99.100.9.10",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).unwrap().to_str().unwrap(), ip.to_string());
+        }
+    }
+
+    #[test]
+    fn standard_methods_are_named_without_allocating() {
+        assert!(matches!(
+            method_name(&Method::POST),
+            std::borrow::Cow::Borrowed("POST")
+        ));
+        let custom = Method::from_bytes(b"PROPFIND").unwrap();
+        assert_eq!(method_name(&custom), "PROPFIND");
+    }
 }
