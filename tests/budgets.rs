@@ -366,3 +366,38 @@ async fn a_schema_1_ledger_is_upgraded_and_its_rows_count_at_startup() {
         .unwrap();
     assert_eq!(version, 2);
 }
+
+#[tokio::test]
+async fn streamed_cost_is_charged_not_recorded_as_zero() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    // Each stream ends with a usage event carrying `"cost": 0.00042`, OpenRouter-style; the
+    // model has no price, so reservations hold no cost and only the real charges count.
+    let gw = Gateway::start(&config(&up, &db, "", "budget = { cost_per_day = 0.001 }")).await;
+    let body = chat(10, true);
+    for i in 1..=3 {
+        assert_eq!(ask(&gw, PHONE, "", &body).await.0, 200);
+        gw.wait_requests(i).await;
+    }
+    // 3 × 0.00042 = 0.00126 >= 0.001: spent.
+    let (status, retry) = ask(&gw, PHONE, "", &body).await;
+    assert_eq!(status, 429);
+    assert_retry_after(retry, Period::Day);
+    let recs = gw.wait_requests(4).await;
+    assert_eq!(recs[2]["cost_usd"], 0.00042);
+    assert_eq!(recs[2]["cost_source"], "upstream");
+    let events = gw.wait_events("budget", 2).await;
+    let crossed: Vec<_> = events.iter().map(|e| e["threshold"].clone()).collect();
+    assert_eq!(crossed, [80, 100]);
+    assert_eq!(events[1]["unit"], "cost_usd");
+    assert_eq!(events[1]["spent"], 0.00126);
+    assert_eq!(
+        metric(
+            &gw,
+            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"cost_usd\"}"
+        )
+        .await,
+        Some(0.0)
+    );
+}
