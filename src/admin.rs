@@ -70,6 +70,8 @@ fn handle(admin: &Admin, req: &Request<Incoming>) -> Response<ResponseBody> {
                     };
                 }
             }
+            // Budgets roll over at period ends with or without traffic: show them as of now.
+            admin.shared.publish_budgets();
             let text = admin
                 .metrics
                 .as_ref()
