@@ -353,8 +353,9 @@ fn pct(v: &[f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Arrival time (ms from request start) of each of the 20 SSE events.
-async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
+/// A GET of `target` with the bench key on a new HTTP/1.1 connection: the response body, and
+/// when the request was sent.
+async fn get_body(addr: SocketAddr, target: &str) -> (hyper::body::Incoming, Instant) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
@@ -362,12 +363,17 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
             .unwrap();
     tokio::spawn(conn);
     let t0 = Instant::now();
-    let req = http::Request::get("/v1/sse")
+    let req = http::Request::get(target)
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {KEY}"))
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let mut body = sender.send_request(req).await.unwrap().into_body();
+    (sender.send_request(req).await.unwrap().into_body(), t0)
+}
+
+/// Arrival time (ms from request start) of each of the 20 SSE events.
+async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
+    let (mut body, t0) = get_body(addr, "/v1/sse").await;
     let mut out = Vec::new();
     let mut buf = Vec::new();
     while let Some(f) = body.frame().await {
@@ -384,19 +390,7 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
 
 /// Seconds to receive a whole `chat_stream` of `n` events from `path`.
 async fn stream_secs(addr: SocketAddr, path: &str, n: u32) -> f64 {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let t0 = Instant::now();
-    let req = http::Request::get(format!("{path}?n={n}"))
-        .header("host", addr.to_string())
-        .header("authorization", format!("Bearer {KEY}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let mut body = sender.send_request(req).await.unwrap().into_body();
+    let (mut body, t0) = get_body(addr, &format!("{path}?n={n}")).await;
     let mut got = 0usize;
     while let Some(f) = body.frame().await {
         got += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);

@@ -64,17 +64,23 @@ async fn ask(gw: &Gateway, key: &str, query: &str, body: &str) -> (u16, Option<u
 
 /// The value of one series on the admin listener's /metrics.
 async fn metric(gw: &Gateway, series: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("http://{}/metrics", gw.admin_addr()))
-        .send()
+    gw.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// The test upstream, and a directory for the ledger (kept as long as the test holds it).
+async fn fixture() -> (Upstream, tempfile::TempDir, std::path::PathBuf) {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    (up, dir, db)
+}
+
+/// The phone key's daily token cap.
+const PHONE_DAY_TOKENS: &str =
+    "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}";
 
 fn now() -> i64 {
     portcullis::llm::budget::now_secs()
@@ -97,9 +103,7 @@ fn assert_retry_after(got: Option<u64>, period: Period) {
 
 #[tokio::test]
 async fn a_key_hits_its_token_budget_survives_restart_and_reload_raises_it() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     let body = chat(1, false);
     let res = reservation(&body, 1);
     // Each JSON answer uses 16 tokens: the third brings the key to exactly 48.
@@ -127,14 +131,7 @@ async fn a_key_hits_its_token_budget_survives_restart_and_reload_raises_it() {
     // Nothing was forwarded for the refused request; the other key is not affected.
     assert_eq!(up.seen().len(), 3);
     assert_eq!(ask(&gw, OTHER, "", &body).await.0, 200);
-    assert_eq!(
-        metric(
-            &gw,
-            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(metric(&gw, PHONE_DAY_TOKENS).await, Some(0.0));
     let recs = gw.wait_requests(5).await;
     assert_eq!(recs[3]["outcome"], "budget_exceeded");
     assert_eq!(recs[3]["status"], 429);
@@ -143,14 +140,7 @@ async fn a_key_hits_its_token_budget_survives_restart_and_reload_raises_it() {
     gw.signal("TERM");
     assert_eq!(gw.wait_exit().await, 0);
     let gw = Gateway::start(&cfg).await;
-    assert_eq!(
-        metric(
-            &gw,
-            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(metric(&gw, PHONE_DAY_TOKENS).await, Some(0.0));
     let (status, retry) = ask(&gw, PHONE, "", &body).await;
     assert_eq!(status, 429);
     assert_retry_after(retry, Period::Day);
@@ -160,21 +150,12 @@ async fn a_key_hits_its_token_budget_survives_restart_and_reload_raises_it() {
     assert_eq!(gw.reload().await["result"], "ok");
     assert_eq!(ask(&gw, PHONE, "", &body).await.0, 200);
     gw.wait_requests(2).await;
-    assert_eq!(
-        metric(
-            &gw,
-            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}"
-        )
-        .await,
-        Some(1000.0 - 64.0)
-    );
+    assert_eq!(metric(&gw, PHONE_DAY_TOKENS).await, Some(1000.0 - 64.0));
 }
 
 #[tokio::test]
 async fn the_gateway_budget_stops_every_key() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     let body = chat(1, false);
     let gw = Gateway::start(&config(&up, &db, "[budgets]\ntokens_per_month = 16", "")).await;
     assert_eq!(ask(&gw, PHONE, "", &body).await.0, 200);
@@ -199,9 +180,7 @@ async fn the_gateway_budget_stops_every_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_parallel_streams_cannot_overspend_a_budget_that_fits_ten() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     let body = chat(100, true);
     let res = reservation(&body, 100);
     let cap = 10 * res;
@@ -257,20 +236,14 @@ async fn fifty_parallel_streams_cannot_overspend_a_budget_that_fits_ten() {
     // Settled by their real usage (24 tokens each), well within the cap.
     gw.wait_requests(50).await;
     assert_eq!(
-        metric(
-            &gw,
-            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}"
-        )
-        .await,
+        metric(&gw, PHONE_DAY_TOKENS).await,
         Some((cap - 10 * 24) as f64)
     );
 }
 
 #[tokio::test]
 async fn a_response_without_usage_is_charged_its_reservation() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     let body = chat(100, false);
     let res = reservation(&body, 100);
     let cap = 3 * res;
@@ -285,11 +258,7 @@ async fn a_response_without_usage_is_charged_its_reservation() {
     let recs = gw.wait_requests(1).await;
     assert_eq!(recs[0]["usage_source"], "none");
     assert_eq!(
-        metric(
-            &gw,
-            "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}"
-        )
-        .await,
+        metric(&gw, PHONE_DAY_TOKENS).await,
         Some((cap - res) as f64)
     );
     // Three such responses spend the budget: an upstream that stops reporting usage cannot
@@ -303,9 +272,7 @@ async fn a_response_without_usage_is_charged_its_reservation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_goes_on_and_budgets_hold_while_the_ledger_cannot_be_written() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     let body = chat(1, false);
     let gw = Gateway::start(&config(&up, &db, "", "budget = { tokens_per_day = 32 }")).await;
     // Another process takes the database's write lock and keeps it: every write of the
@@ -336,9 +303,7 @@ async fn traffic_goes_on_and_budgets_hold_while_the_ledger_cannot_be_written() {
 
 #[tokio::test]
 async fn a_schema_1_ledger_is_upgraded_and_its_rows_count_at_startup() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     // A ledger as the first version wrote it, with 40 tokens spent by `phone` just now.
     let conn = rusqlite::Connection::open(&db).unwrap();
     conn.execute_batch(
@@ -369,9 +334,7 @@ async fn a_schema_1_ledger_is_upgraded_and_its_rows_count_at_startup() {
 
 #[tokio::test]
 async fn streamed_cost_is_charged_not_recorded_as_zero() {
-    let up = upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("usage.db");
+    let (up, _dir, db) = fixture().await;
     // Each stream ends with a usage event carrying `"cost": 0.00042`, OpenRouter-style; the
     // model has no price, so reservations hold no cost and only the real charges count.
     let gw = Gateway::start(&config(&up, &db, "", "budget = { cost_per_day = 0.001 }")).await;

@@ -89,14 +89,7 @@ async fn usage_from_json_and_streams_reaches_the_audit_record() {
     assert_eq!(recs[2]["prompt_tokens"], serde_json::Value::Null);
 
     // Metrics: exact allow-list names are labels; anything else is "other".
-    let text = c
-        .get(format!("http://{}/metrics", gw.admin_addr()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = gw.metrics_text().await;
     for needle in [
         "portcullis_llm_tokens_total{route=\"bridge\",key_id=\"phone\",model=\"openai/gpt-4o-mini\",kind=\"prompt\"} 11",
         "portcullis_llm_tokens_total{route=\"bridge\",key_id=\"phone\",model=\"other\",kind=\"completion\"} 3",

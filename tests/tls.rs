@@ -1,5 +1,6 @@
-//! TLS termination (SPEC §2 `[tls]`): TLS 1.2 and 1.3 are served, and with `client_ca` set, only clients
-//! presenting a certificate signed by that CA get through.
+//! TLS termination (SPEC §2 `[tls]`): TLS 1.2 and 1.3 are served, a returning client resumes its
+//! session, and with `client_ca` set, only clients presenting a certificate signed by that CA get
+//! through.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 use std::sync::Arc;
@@ -20,20 +21,32 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// One HTTP/1.1 GET over TLS with `cfg`; the status, or the error that stopped it.
-async fn get(addr: std::net::SocketAddr, cfg: rustls::ClientConfig) -> Result<u16, String> {
+/// One HTTP/1.1 GET over TLS with `cfg`: the status and how the handshake went (full or
+/// resumed), or the error that stopped it.
+async fn exchange(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<(u16, rustls::HandshakeKind), String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;
     tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
         .map_err(|e| e.to_string())?;
+    // Reading to the end also takes in the session tickets a TLS 1.3 server sends.
     let mut out = Vec::new();
     tls.read_to_end(&mut out).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&out);
-    Ok(status_of(&text))
+    let kind = tls.get_ref().1.handshake_kind().ok_or("no handshake")?;
+    Ok((status_of(&String::from_utf8_lossy(&out)), kind))
+}
+
+/// The status of one GET over TLS with `cfg`, or the error that stopped it.
+async fn get(addr: std::net::SocketAddr, cfg: rustls::ClientConfig) -> Result<u16, String> {
+    exchange(addr, Arc::new(cfg))
+        .await
+        .map(|(status, _)| status)
 }
 
 #[tokio::test]
@@ -88,7 +101,7 @@ async fn client_certificates_are_required_when_client_ca_is_set() {
 }
 
 #[tokio::test]
-async fn tls_1_2_and_1_3_are_served_and_plaintext_is_not() {
+async fn tls_1_2_and_1_3_are_served_sessions_resume_and_plaintext_is_not() {
     let up = upstream().await;
     let p = pki();
     let dir = tempfile::tempdir().unwrap();
@@ -99,54 +112,10 @@ async fn tls_1_2_and_1_3_are_served_and_plaintext_is_not() {
         up.url()
     );
     let gw = Gateway::start(&config).await;
-    // Pin 1.2 and 1.3 in turn (the server is built with exactly these two versions).
+    // Pin 1.2 and 1.3 in turn (the server is built with exactly these two versions). The same
+    // client config dials twice: its in-memory session store carries the session (TLS 1.2) or
+    // ticket (TLS 1.3) to the second connection, which resumes instead of a full handshake.
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        let cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots(&p.ca_pem))
-            .with_no_client_auth();
-        assert_eq!(get(gw.addr, cfg).await, Ok(200), "{version:?}");
-    }
-    // A plaintext request on the TLS port is not served.
-    let (status, _) = raw_get(gw.addr, "/x").await;
-    assert_ne!(status, 200);
-}
-
-/// One HTTP/1.1 GET over TLS with `cfg`; how the handshake went (full or resumed).
-async fn handshake_kind(
-    addr: std::net::SocketAddr,
-    cfg: Arc<rustls::ClientConfig>,
-) -> rustls::HandshakeKind {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.write_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    // Reading to the end also takes in the session tickets a TLS 1.3 server sends.
-    let mut out = Vec::new();
-    tls.read_to_end(&mut out).await.unwrap();
-    assert_eq!(status_of(&String::from_utf8_lossy(&out)), 200);
-    tls.get_ref().1.handshake_kind().unwrap()
-}
-
-#[tokio::test]
-async fn a_returning_client_resumes_its_session_with_1_2_and_1_3() {
-    let up = upstream().await;
-    let p = pki();
-    let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
-        server_section(""),
-        p.tls_section(dir.path()),
-        up.url()
-    );
-    let gw = Gateway::start(&config).await;
-    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
-        // One client config: its in-memory session store carries the ticket to the second dial.
         let cfg = Arc::new(
             rustls::ClientConfig::builder_with_provider(provider())
                 .with_protocol_versions(&[version])
@@ -155,14 +124,17 @@ async fn a_returning_client_resumes_its_session_with_1_2_and_1_3() {
                 .with_no_client_auth(),
         );
         assert_eq!(
-            handshake_kind(gw.addr, cfg.clone()).await,
-            rustls::HandshakeKind::Full,
+            exchange(gw.addr, cfg.clone()).await,
+            Ok((200, rustls::HandshakeKind::Full)),
             "{version:?}"
         );
         assert_eq!(
-            handshake_kind(gw.addr, cfg).await,
-            rustls::HandshakeKind::Resumed,
+            exchange(gw.addr, cfg).await,
+            Ok((200, rustls::HandshakeKind::Resumed)),
             "{version:?}"
         );
     }
+    // A plaintext request on the TLS port is not served.
+    let (status, _) = raw_get(gw.addr, "/x").await;
+    assert_ne!(status, 200);
 }

@@ -183,6 +183,18 @@ impl Gateway {
             .unwrap()
     }
 
+    /// The admin listener's /metrics text (no token).
+    pub async fn metrics_text(&self) -> String {
+        client()
+            .get(format!("http://{}/metrics", self.admin_addr()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Audit records of one event type, from stdout.
     pub fn events(&self, event: &str) -> Vec<serde_json::Value> {
         self.stdout
