@@ -238,7 +238,18 @@ where
     let info = ConnInfo { peer, tls };
     let shared = serve.shared.clone();
     let st = state.clone();
-    let svc = service_fn(move |req| pipeline::handle(shared.clone(), info, Active::new(&st), req));
+    // The request's future (about 4 KiB: the whole pipeline and the upstream exchange) is boxed
+    // rather than kept inline in the connection's task: inline, its pages stay resident for as
+    // long as a keep-alive connection idles after its first request (measured: 4 KiB of the
+    // ~26 KiB an idle TLS connection costs); boxed, they are freed when the response is sent.
+    let svc = service_fn(move |req| {
+        Box::pin(pipeline::handle(
+            shared.clone(),
+            info,
+            Active::new(&st),
+            req,
+        ))
+    });
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut closing = false;

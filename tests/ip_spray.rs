@@ -22,8 +22,8 @@ async fn spray(gw: &Gateway, from: u32, to: u32) {
                     .header("x-forwarded-for", ip.to_string())
                     .send()
                     .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
+                    .unwrap_or_else(|e| panic!("request as client {ip}: {e:?}"));
+                assert_eq!(r.status(), 200, "request as client {ip}");
             }
         })
         .buffer_unordered(32)
