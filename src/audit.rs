@@ -219,7 +219,7 @@ impl Drop for RecordGuard {
                 _ => crate::llm::budget::Amount::default(),
             };
             if let Some(r) = llm.reservation {
-                let (events, _) = r.settle(charged, crate::llm::budget::now_secs());
+                let events = r.settle(charged, crate::llm::budget::now_secs());
                 for e in &events {
                     self.audit.emit(e);
                 }

@@ -125,12 +125,12 @@ impl Shared {
         let Some(book) = &self.budgets else { return };
         let live = self.live.load();
         let now = crate::llm::budget::now_secs();
-        let scopes = std::iter::once((None, live.config.budgets.as_slice())).chain(
+        let scopes = std::iter::once((None, &*live.config.budgets)).chain(
             live.config
                 .keys
                 .iter()
                 .zip(&live.key_ids)
-                .map(|(k, id)| (Some(id.clone()), k.budget.as_slice())),
+                .map(|(k, id)| (Some(id.clone()), &*k.budget)),
         );
         for (scope, caps) in scopes {
             book.publish(&scope, caps, now);
@@ -392,9 +392,8 @@ fn reserve(
     };
     let applies = Applies {
         key: key_index.map(|k| live.key_ids[k].clone()),
-        key_caps: key_index
-            .map(|k| cfg.keys[k].budget.clone())
-            .unwrap_or_default(),
+        // Shared slices: a refcount each, no copy of the caps per request.
+        key_caps: key_index.map_or_else(|| Arc::from([]), |k| cfg.keys[k].budget.clone()),
         gateway_caps: cfg.budgets.clone(),
     };
     book.admit(applies, own, crate::llm::budget::now_secs())

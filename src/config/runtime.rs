@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
@@ -34,7 +35,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub usage: Option<UsageSettings>,
     /// `[budgets]`: caps for all keys together.
-    pub budgets: Vec<crate::llm::budget::Cap>,
+    pub budgets: Arc<[crate::llm::budget::Cap]>,
 }
 
 /// `[usage]`: the ledger, stream-usage injection, reservations and prices.
@@ -131,7 +132,7 @@ pub struct Key {
     /// `None`: any model. On `llm` routes a request naming another model gets 403.
     pub models: Option<Vec<crate::llm::request::ModelPattern>>,
     /// The key's own caps (SPEC §7 `budget`).
-    pub budget: Vec<crate::llm::budget::Cap>,
+    pub budget: Arc<[crate::llm::budget::Cap]>,
 }
 
 impl fmt::Debug for Key {
@@ -621,8 +622,8 @@ impl Config {
                 }
             };
             let budget = match &k.budget {
-                None => Vec::new(),
-                Some(b) => caps(b, &p("budget"))?,
+                None => Arc::from([]),
+                Some(b) => caps(b, &p("budget"))?.into(),
             };
             keys.push(Key {
                 budget,
@@ -673,9 +674,9 @@ impl Config {
         };
 
         // A budget needs the ledger: without it, a restart would quietly reset every budget.
-        let budgets = match &raw.budgets {
-            None => Vec::new(),
-            Some(b) => caps(b, "budgets")?,
+        let budgets: Arc<[_]> = match &raw.budgets {
+            None => Arc::from([]),
+            Some(b) => caps(b, "budgets")?.into(),
         };
         let has_ledger = usage.as_ref().is_some_and(|u| u.database.is_some());
         let budgeted = (!budgets.is_empty())

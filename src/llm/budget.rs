@@ -202,18 +202,15 @@ pub struct Book {
 #[derive(Debug, Clone, Default)]
 pub struct Applies {
     pub key: Scope,
-    pub key_caps: Vec<Cap>,
-    pub gateway_caps: Vec<Cap>,
+    pub key_caps: Arc<[Cap]>,
+    pub gateway_caps: Arc<[Cap]>,
 }
 
 impl Applies {
     fn scopes(&self) -> impl Iterator<Item = (&Scope, &[Cap])> {
-        let key = self
-            .key
-            .as_ref()
-            .map(|_| (&self.key, self.key_caps.as_slice()));
+        let key = self.key.as_ref().map(|_| (&self.key, &*self.key_caps));
         key.into_iter()
-            .chain(std::iter::once((&None, self.gateway_caps.as_slice())))
+            .chain(std::iter::once((&None, &*self.gateway_caps)))
     }
 }
 
@@ -298,13 +295,13 @@ impl Book {
         let a = acc.entry(scope.clone()).or_default();
         a.roll(now);
         for c in caps {
-            let left = (c.limit - a.spent[c.period.index()].get(c.unit)).max(0.0);
-            crate::metrics::budget_remaining(scope.as_deref(), *c, round_usd(left));
+            publish(scope, c, a.spent[c.period.index()].get(c.unit));
         }
     }
 
-    /// Spent in the current periods (tests and the admin view).
-    pub fn spent(&self, scope: &Scope, period: Period, now: i64) -> Amount {
+    /// Spent in the current periods.
+    #[cfg(test)]
+    fn spent(&self, scope: &Scope, period: Period, now: i64) -> Amount {
         let mut acc = self.lock();
         let a = acc.entry(scope.clone()).or_default();
         a.roll(now);
@@ -326,13 +323,12 @@ impl Reservation {
         self.own
     }
 
-    /// Replaces the reservation by what the request really cost. Returns the `budget` events of
-    /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both),
-    /// and what is now left of each cap (also set in `portcullis_budget_remaining`).
-    pub fn settle(mut self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, Vec<Remaining>) {
+    /// Replaces the reservation by what the request really cost, and sets
+    /// `portcullis_budget_remaining` for each cap it counts against. Returns the `budget` events of
+    /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both).
+    pub fn settle(mut self, charged: Amount, now: i64) -> Vec<BudgetEvent> {
         self.settled = true;
         let mut events = Vec::new();
-        let mut left = Vec::new();
         let mut acc = self.book.lock();
         for (scope, caps) in self.applies.scopes() {
             let a = acc.entry(scope.clone()).or_default();
@@ -364,27 +360,17 @@ impl Reservation {
                     }
                 }
                 // Set under the lock, so the gauge follows the order of the charges.
-                crate::metrics::budget_remaining(
-                    scope.as_deref(),
-                    *cap,
-                    round_usd((cap.limit - is).max(0.0)),
-                );
-                left.push(Remaining {
-                    scope: scope.clone(),
-                    cap: *cap,
-                    left: round_usd((cap.limit - is).max(0.0)),
-                });
+                publish(scope, cap, is);
             }
         }
-        (events, left)
+        events
     }
 }
 
-/// What is left of one cap after a charge.
-pub struct Remaining {
-    pub scope: Scope,
-    pub cap: Cap,
-    pub left: f64,
+/// Sets `portcullis_budget_remaining` for `cap`, given what is spent of it.
+fn publish(scope: &Scope, cap: &Cap, spent: f64) {
+    let left = round_usd((cap.limit - spent).max(0.0));
+    crate::metrics::budget_remaining(scope.as_deref(), *cap, left);
 }
 
 impl Drop for Reservation {
@@ -460,8 +446,8 @@ mod tests {
     fn applies(key: &str, key_caps: Vec<Cap>, gateway_caps: Vec<Cap>) -> Applies {
         Applies {
             key: Some(Arc::from(key)),
-            key_caps,
-            gateway_caps,
+            key_caps: key_caps.into(),
+            gateway_caps: gateway_caps.into(),
         }
     }
 
@@ -524,12 +510,12 @@ mod tests {
             limit: 1.0,
         };
         let a = || applies("phone", vec![DAY_100], vec![gw]);
-        let (ev, _) = book
+        let ev = book
             .admit(a(), tokens(10.0), now)
             .unwrap()
             .settle(tokens(79.0), now);
         assert!(ev.is_empty());
-        let (ev, left) = book.admit(a(), tokens(10.0), now).unwrap().settle(
+        let ev = book.admit(a(), tokens(10.0), now).unwrap().settle(
             Amount {
                 tokens: 30.0,
                 cost: 0.85,
@@ -548,9 +534,12 @@ mod tests {
                 (None, "month", "cost_usd", 80),
             ]
         );
-        assert_eq!(left.len(), 2);
-        assert_eq!(left[0].left, 0.0);
-        assert!((left[1].left - 0.15).abs() < 1e-9);
+        assert_eq!(
+            book.spent(&Some(Arc::from("phone")), Period::Day, now)
+                .tokens,
+            109.0
+        );
+        assert!((book.spent(&None, Period::Month, now).cost - 0.85).abs() < 1e-9);
         // The gateway's month cap is not spent, but the key's day is: 429 until midnight.
         assert_eq!(
             book.admit(a(), tokens(1.0), now).unwrap_err(),
