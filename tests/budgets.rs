@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use portcullis::llm::budget::Period;
 use support::*;
@@ -193,8 +192,9 @@ async fn fifty_parallel_streams_cannot_overspend_a_budget_that_fits_ten() {
         ))
         .await,
     );
-    // The upstream holds every admitted request until all 50 are decided.
-    let refused = Arc::new(AtomicUsize::new(0));
+    // The upstream holds every admitted request until all 50 are decided: wait for that on the
+    // gate's count and the refusals' count, both watched.
+    let refused = Arc::new(tokio::sync::watch::Sender::new(0usize));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
             let (gw, refused, body) = (gw.clone(), refused.clone(), body.clone());
@@ -202,16 +202,20 @@ async fn fifty_parallel_streams_cannot_overspend_a_budget_that_fits_ten() {
                 let r = post(&gw, PHONE, "?hold=1", &body).await;
                 let status = r.status().as_u16();
                 if status == 429 {
-                    refused.fetch_add(1, Ordering::SeqCst);
+                    refused.send_modify(|n| *n += 1);
                 }
                 let text = r.text().await.unwrap();
                 (status, text)
             })
         })
         .collect();
+    let (mut held, mut no) = (up.gate.watch_held(), refused.subscribe());
     tokio::time::timeout(WAIT, async {
-        while up.gate.held() + refused.load(Ordering::SeqCst) < 50 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        while *held.borrow_and_update() + *no.borrow_and_update() < 50 {
+            tokio::select! {
+                r = held.changed() => r.unwrap(),
+                r = no.changed() => r.unwrap(),
+            }
         }
     })
     .await

@@ -360,14 +360,14 @@ pub struct Upstream {
 
 /// Holds chat requests sent with `?hold=1` before they are answered, until [`Gate::open`].
 pub struct Gate {
-    held: std::sync::atomic::AtomicUsize,
+    held: tokio::sync::watch::Sender<usize>,
     open: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Gate {
     fn default() -> Self {
         Gate {
-            held: Default::default(),
+            held: tokio::sync::watch::Sender::new(0),
             open: tokio::sync::watch::Sender::new(false),
         }
     }
@@ -376,15 +376,19 @@ impl Default for Gate {
 impl Gate {
     /// How many requests are waiting at the gate now.
     pub fn held(&self) -> usize {
-        self.held.load(std::sync::atomic::Ordering::SeqCst)
+        *self.held.borrow()
+    }
+    /// Notified whenever a request arrives at the gate or leaves it.
+    pub fn watch_held(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.held.subscribe()
     }
     pub fn open(&self) {
         self.open.send_replace(true);
     }
     async fn pass(&self) {
-        self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.held.send_modify(|n| *n += 1);
         let _ = self.open.subscribe().wait_for(|o| *o).await;
-        self.held.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.held.send_modify(|n| *n -= 1);
     }
 }
 
