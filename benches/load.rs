@@ -26,11 +26,28 @@ const JSON: &[u8] = br#"{"id":"chatcmpl-1","object":"chat.completion","choices":
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
+/// An SSE response streaming `s`.
+fn event_stream<S>(s: S) -> http::Response<UpBody>
+where
+    S: futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static,
+{
+    http::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(BodyExt::boxed(StreamBody::new(s)))
+        .unwrap()
+}
+
 async fn upstream_svc(
     req: http::Request<hyper::body::Incoming>,
 ) -> Result<http::Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
-    let q = req.uri().query().unwrap_or("").to_owned();
+    // `?n=N`, the only parameter the paths below take.
+    let n: u64 = req
+        .uri()
+        .query()
+        .and_then(|q| q.strip_prefix("n="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     if path.ends_with("/sse") {
         let s = futures_util::stream::unfold(0u32, |i| async move {
             if i >= 20 {
@@ -44,18 +61,11 @@ async fn upstream_svc(
                 i + 1,
             ))
         });
-        return Ok(http::Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(BodyExt::boxed(StreamBody::new(s)))
-            .unwrap());
+        return Ok(event_stream(s));
     }
     if path.ends_with("/chat_stream") {
         // An OpenAI-style stream as fast as the upstream can send it: n chunk events, one per
         // frame, then the usage event and [DONE].
-        let n: u32 = q
-            .strip_prefix("n=")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         let s = futures_util::stream::iter((0..=n + 1).map(move |i| {
             let ev = if i < n {
                 format!(
@@ -68,16 +78,9 @@ async fn upstream_svc(
             };
             Ok::<_, Infallible>(Frame::data(Bytes::from(ev)))
         }));
-        return Ok(http::Response::builder()
-            .header("content-type", "text/event-stream")
-            .body(BodyExt::boxed(StreamBody::new(s)))
-            .unwrap());
+        return Ok(event_stream(s));
     }
     if path.ends_with("/bytes") {
-        let n: u64 = q
-            .strip_prefix("n=")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
         let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
         let s = futures_util::stream::unfold(0u64, move |sent| {
             let chunk = chunk.clone();
