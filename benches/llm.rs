@@ -62,7 +62,7 @@ fn sse_scan(c: &mut Criterion) {
         b.iter(|| {
             let slot = UsageSlot::default();
             let n = rt.block_on(drain(UsageTap::new(body(&chunks), true, slot.clone())));
-            assert!(slot.lock().unwrap().is_some());
+            assert!(slot.lock().unwrap().reading.usage().is_some());
             n
         })
     });
@@ -71,7 +71,7 @@ fn sse_scan(c: &mut Criterion) {
             let slot = UsageSlot::default();
             let tap = UsageTap::new(body(&chunks), true, slot.clone()).strip_usage_event();
             let n = rt.block_on(drain(tap));
-            assert!(slot.lock().unwrap().is_some());
+            assert!(slot.lock().unwrap().reading.usage().is_some());
             n
         })
     });

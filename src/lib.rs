@@ -84,6 +84,7 @@ fn build_serve(
             forwarder: proxy::Forwarder::new(),
             audit,
             tunnels: TaskTracker::new(),
+            cut: CancellationToken::new(),
         }),
         tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
         shutdown,
@@ -236,7 +237,16 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     })
     .await;
     if drained.is_err() {
+        // Cut what is left, and wait for the cut connections and tunnels to write their records
+        // (SPEC §4: a request cut by shutdown is recorded too).
         tracing::warn!("shutdown_grace elapsed; closing remaining connections");
+        pipeline::record::cutting_for_shutdown();
+        serve.shared.cut.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            serve.connections.wait().await;
+            serve.shared.tunnels.wait().await;
+        })
+        .await;
     }
     if let Some(ledger) = serve.shared.ledger.clone() {
         let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;

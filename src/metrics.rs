@@ -144,13 +144,11 @@ pub fn llm_usage(
     route: &str,
     key_id: &str,
     model: String,
-    u: &crate::llm::usage::Usage,
+    prompt_tokens: u64,
+    completion_tokens: u64,
     cost: Option<f64>,
 ) {
-    for (kind, n) in [
-        ("prompt", u.prompt_tokens),
-        ("completion", u.completion_tokens),
-    ] {
+    for (kind, n) in [("prompt", prompt_tokens), ("completion", completion_tokens)] {
         counter!("portcullis_llm_tokens_total", "route" => route.to_owned(), "key_id" => key_id.to_owned(), "model" => model.clone(), "kind" => kind)
             .increment(n);
     }

@@ -283,6 +283,9 @@ where
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
+            // shutdown_grace ran out: dropping the connection drops its requests, whose
+            // records then write themselves.
+            _ = serve.shared.cut.cancelled() => return,
         }
     }
 }

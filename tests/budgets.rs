@@ -339,9 +339,14 @@ async fn a_schema_1_ledger_is_upgraded_and_its_rows_count_at_startup() {
 #[tokio::test]
 async fn streamed_cost_is_charged_not_recorded_as_zero() {
     let (up, _dir, db) = fixture().await;
-    // Each stream ends with a usage event carrying `"cost": 0.00042`, OpenRouter-style; the
-    // model has no price, so reservations hold no cost and only the real charges count.
-    let gw = Gateway::start(&config(&up, &db, "", "budget = { cost_per_day = 0.001 }")).await;
+    // Each stream ends with a usage event carrying `"cost": 0.00042`, OpenRouter-style. A cost
+    // cap needs a price for every model; this operator prices unlisted models at $0 on purpose,
+    // so reservations hold no cost and only the real charges count.
+    let cfg = config(&up, &db, "", "budget = { cost_per_day = 0.001 }").replace(
+        "[usage]\n",
+        "[usage]\nfallback_price = { input = 0.0, output = 0.0 }\n",
+    );
+    let gw = Gateway::start(&cfg).await;
     let body = chat(10, true);
     for i in 1..=3 {
         assert_eq!(ask(&gw, PHONE, "", &body).await.0, 200);

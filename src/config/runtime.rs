@@ -48,6 +48,34 @@ pub struct UsageSettings {
     pub default_completion_reservation: u64,
     /// Model -> (input, output) USD per million tokens.
     pub prices: std::collections::HashMap<String, (f64, f64)>,
+    /// `usage.fallback_price`, else the highest input and output prices of the table; `None`
+    /// only when there is no table either (and then no cost cap is allowed).
+    pub fallback_price: Option<(f64, f64)>,
+}
+
+impl UsageSettings {
+    /// What a request is priced at (SPEC §7): its own model's entry, else the response's model's,
+    /// else the fallback — so no cost cap silently counts $0 for an unpriced model.
+    pub fn price(
+        &self,
+        request_model: Option<&str>,
+        response_model: Option<&str>,
+    ) -> Option<crate::llm::usage::Price> {
+        use crate::llm::usage::Price;
+        let listed = |m: Option<&str>| self.prices.get(m?).copied();
+        match listed(request_model).or_else(|| listed(response_model)) {
+            Some((input, output)) => Some(Price {
+                input,
+                output,
+                source: "prices",
+            }),
+            None => self.fallback_price.map(|(input, output)| Price {
+                input,
+                output,
+                source: "fallback",
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -640,20 +668,31 @@ impl Config {
         let usage = match &raw.usage {
             None => None,
             Some(u) => {
-                let mut prices = std::collections::HashMap::new();
-                for (model, p) in &u.prices {
-                    if !(p.input.is_finite()
+                let price = |p: &super::schema::RawPrice, at: String| {
+                    if p.input.is_finite()
                         && p.output.is_finite()
                         && p.input >= 0.0
-                        && p.output >= 0.0)
+                        && p.output >= 0.0
                     {
-                        return Err(invalid(
-                            format!("usage.prices.{model}"),
+                        Ok((p.input, p.output))
+                    } else {
+                        Err(invalid(
+                            at,
                             "prices must be non-negative numbers (USD per million tokens)",
-                        ));
+                        ))
                     }
-                    prices.insert(model.clone(), (p.input, p.output));
+                };
+                let mut prices = std::collections::HashMap::new();
+                for (model, p) in &u.prices {
+                    prices.insert(model.clone(), price(p, format!("usage.prices.{model}"))?);
                 }
+                let fallback_price = match &u.fallback_price {
+                    Some(p) => Some(price(p, "usage.fallback_price".into())?),
+                    None => prices
+                        .values()
+                        .copied()
+                        .reduce(|(i, o), (i2, o2)| (i.max(i2), o.max(o2))),
+                };
                 let database = match &u.database {
                     None => None,
                     Some(d) => Some(PathBuf::from(plain(d, "usage.database", env)?)),
@@ -669,6 +708,7 @@ impl Config {
                         .default_completion_reservation
                         .unwrap_or(1024),
                     prices,
+                    fallback_price,
                 })
             }
         };
@@ -694,6 +734,7 @@ impl Config {
                 "budgets need [usage] with a database (the ledger that keeps spend across restarts)",
             ));
         }
+        check_caps_against_usage(&budgets, &keys, usage.as_ref())?;
 
         Ok(Config {
             budgets,
@@ -709,6 +750,52 @@ impl Config {
             routes,
         })
     }
+}
+
+/// SPEC §7: a cost cap needs a price for every model (a table, or `fallback_price`), so that it
+/// never counts $0; and the ledger must keep rows for the longest budgeted period, since spend
+/// is rebuilt from it at startup.
+fn check_caps_against_usage(
+    gateway: &[crate::llm::budget::Cap],
+    keys: &[Key],
+    usage: Option<&UsageSettings>,
+) -> Result<(), Invalid> {
+    use crate::llm::budget::{Period, Unit};
+    let scopes = std::iter::once(("budgets".to_owned(), gateway)).chain(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (format!("keys[{i}].budget"), &*k.budget)),
+    );
+    let Some(usage) = usage else { return Ok(()) };
+    for (at, caps) in scopes {
+        for cap in caps {
+            if cap.unit == Unit::Cost && usage.fallback_price.is_none() {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "{cap}: a cost cap needs [usage.prices] or usage.fallback_price, \
+                         else a model without a price would count $0"
+                    ),
+                ));
+            }
+            let (need, days) = match cap.period {
+                Period::Month => ("32d", 32),
+                Period::Week => ("8d", 8),
+                Period::Day => ("1d", 1),
+            };
+            if usage.retention < Duration::from_secs(days * 86_400) {
+                return Err(invalid(
+                    "usage.retention",
+                    format!(
+                        "must be at least {need} with a {} cap ({at}: {cap}): spend is rebuilt \
+                         from the ledger at startup",
+                        cap.period.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The caps of a `[budgets]` table or a key's `budget`, checked: whole tokens, USD as a

@@ -57,6 +57,8 @@ pub struct RawUsage {
     pub default_completion_reservation: Option<u64>,
     #[serde(default)]
     pub prices: BTreeMap<String, RawPrice>,
+    /// The price of a model the table does not name (default: its highest input and output).
+    pub fallback_price: Option<RawPrice>,
 }
 
 fn default_true() -> bool {

@@ -24,19 +24,102 @@ pub struct Usage {
     pub cost: Option<f64>,
 }
 
-/// Reads `usage` from one JSON document, if it has a usable one.
-pub fn from_json(v: &serde_json::Value) -> Option<Usage> {
-    let u = v.get("usage")?;
-    let prompt = u.get("prompt_tokens")?.as_u64()?;
-    let completion = u
-        .get("completion_tokens")
-        .and_then(|c| c.as_u64())
-        .unwrap_or(0);
-    Some(Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        cost: u.get("cost").and_then(|c| c.as_f64()),
-    })
+impl Usage {
+    /// Prompt and completion tokens together (each is at most 10^9, see [`from_json`]).
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
+/// What a response said about its usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Reading {
+    /// No usage (or none the gateway reads): `usage_source: "none"`.
+    #[default]
+    Absent,
+    Valid(Usage),
+    /// A usage object with a negative, non-finite, fractional or absurd figure, or a body that
+    /// names `usage` but does not parse: `usage_source: "invalid"`, charged as if absent.
+    Invalid,
+}
+
+impl Reading {
+    pub fn usage(&self) -> Option<Usage> {
+        match self {
+            Reading::Valid(u) => Some(*u),
+            _ => None,
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        match self {
+            Reading::Absent => "none",
+            Reading::Valid(_) => "upstream",
+            Reading::Invalid => "invalid",
+        }
+    }
+}
+
+/// Above this, a token count or a cost is not believed (SPEC §7: usage is untrusted input).
+const MAX_FIGURE: f64 = 1e9;
+
+/// Reads `usage` from one JSON document. Usage is untrusted input (a compromised or buggy
+/// upstream, or a user-uploaded file served back): a token count must be a whole number from 0
+/// to 10^9 and a cost a finite number from 0 to 10^9, else the whole reading is invalid — a
+/// negative cost must never refund a budget.
+pub fn from_json(v: &serde_json::Value) -> Reading {
+    let Some(u) = v.get("usage").filter(|u| !u.is_null()) else {
+        return Reading::Absent;
+    };
+    let Some(u) = u.as_object() else {
+        return Reading::Invalid;
+    };
+    fn tokens(v: Option<&serde_json::Value>) -> Result<Option<u64>, ()> {
+        match v {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(n) => match n.as_u64() {
+                Some(t) if t as f64 <= MAX_FIGURE => Ok(Some(t)),
+                _ => Err(()),
+            },
+        }
+    }
+    let (Ok(prompt), Ok(completion)) = (
+        tokens(u.get("prompt_tokens")),
+        tokens(u.get("completion_tokens")),
+    ) else {
+        return Reading::Invalid;
+    };
+    let cost = match u.get("cost") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(c) => match c.as_f64() {
+            Some(c) if c.is_finite() && (0.0..=MAX_FIGURE).contains(&c) => Some(c),
+            _ => return Reading::Invalid,
+        },
+    };
+    match (prompt, completion) {
+        (None, None) => Reading::Absent,
+        (p, c) => Reading::Valid(Usage {
+            prompt_tokens: p.unwrap_or(0),
+            completion_tokens: c.unwrap_or(0),
+            cost,
+        }),
+    }
+}
+
+/// USD per million input and output tokens, and where the figure came from (`cost_source`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    /// `prices` (the model's `[usage.prices]` entry) or `fallback` (`usage.fallback_price`).
+    pub source: &'static str,
+}
+
+impl Price {
+    /// The cost of `prompt` and `completion` tokens at this price.
+    pub fn cost(&self, prompt: f64, completion: f64) -> f64 {
+        (prompt * self.input + completion * self.output) / 1e6
+    }
 }
 
 /// The `llm` fields of a `request` audit record.
@@ -46,35 +129,29 @@ pub struct LlmRecord {
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
-    /// `upstream`: the response carried usage; `none`: it did not.
+    /// `upstream`: the response carried usage; `none`: it did not; `invalid`: it carried usage
+    /// the gateway does not believe.
     pub usage_source: &'static str,
-    /// `upstream`, or null when the cost is unknown.
+    /// `upstream`, `prices`, `fallback`, or null when the cost is unknown.
     pub cost_source: Option<&'static str>,
 }
 
 impl LlmRecord {
-    /// `price`: the model's `[usage.prices]` entry (USD per million input, output tokens), used
-    /// when the upstream reports no cost of its own.
-    pub fn new(
-        model: Option<String>,
-        usage: Option<Usage>,
-        price: Option<(f64, f64)>,
-    ) -> LlmRecord {
-        match usage {
+    /// `price`: what the request is priced at when the upstream reports no cost of its own.
+    pub fn new(model: Option<String>, reading: Reading, price: Option<Price>) -> LlmRecord {
+        let usage_source = reading.source();
+        match reading.usage() {
             None => LlmRecord {
                 model,
-                usage_source: "none",
+                usage_source,
                 ..LlmRecord::default()
             },
             Some(u) => {
                 let (cost_usd, cost_source) = match (u.cost, price) {
                     (Some(c), _) => (Some(c), Some("upstream")),
-                    (None, Some((input, output))) => (
-                        Some(
-                            (u.prompt_tokens as f64 * input + u.completion_tokens as f64 * output)
-                                / 1e6,
-                        ),
-                        Some("prices"),
+                    (None, Some(p)) => (
+                        Some(p.cost(u.prompt_tokens as f64, u.completion_tokens as f64)),
+                        Some(p.source),
                     ),
                     (None, None) => (None, None),
                 };
@@ -83,7 +160,7 @@ impl LlmRecord {
                     prompt_tokens: Some(u.prompt_tokens),
                     completion_tokens: Some(u.completion_tokens),
                     cost_usd,
-                    usage_source: "upstream",
+                    usage_source,
                     cost_source,
                 }
             }
@@ -91,19 +168,37 @@ impl LlmRecord {
     }
 }
 
-/// What a `request` record on an `llm` route needs at the end of the response.
-pub struct LlmAudit {
+/// What a response reported: its usage, and the model it names beside it (a request that named
+/// none is priced by the response's).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reported {
+    pub reading: Reading,
     pub model: Option<String>,
-    pub usage: UsageSlot,
-    /// The bounded metrics label for the model.
-    pub label: String,
-    pub price: Option<(f64, f64)>,
-    /// The request's hold on the budgets, settled when the record is written.
-    pub reservation: Option<super::budget::Reservation>,
+}
+
+impl Reported {
+    /// Notes one parsed document: the last usage a stream reports wins (a `usage: null` in
+    /// every chunk, as OpenAI sends with include_usage, changes nothing).
+    fn note(&mut self, v: &serde_json::Value) {
+        let r = from_json(v);
+        if r != Reading::Absent {
+            self.reading = r;
+            if let Some(m) = v.get("model").and_then(|m| m.as_str()) {
+                self.model = Some(m.to_owned());
+            }
+        }
+    }
+
+    /// Notes one document that did not parse but names `usage`.
+    fn unparsed(&mut self, raw: &[u8]) {
+        if memchr::memmem::find(raw, b"\"usage\"").is_some() {
+            self.reading = Reading::Invalid;
+        }
+    }
 }
 
 /// Where a tapped body leaves the usage it found, for the audit record.
-pub type UsageSlot = Arc<Mutex<Option<Usage>>>;
+pub type UsageSlot = Arc<Mutex<Reported>>;
 
 enum Mode {
     Sse(Box<Scanner>),
@@ -128,7 +223,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         mode: Mode,
-        found: Option<Usage>,
+        found: Reported,
         slot: UsageSlot,
         strip: bool,
         // strip only: bytes of the event not yet complete; and when the last block ended in CR,
@@ -147,7 +242,7 @@ impl<B> UsageTap<B> {
             } else {
                 Mode::Json(Vec::new(), false)
             },
-            found: None,
+            found: Reported::default(),
             slot,
             strip: false,
             pending: Vec::new(),
@@ -162,15 +257,17 @@ impl<B> UsageTap<B> {
     }
 }
 
-fn finish(mode: &mut Mode, found: &mut Option<Usage>, slot: &UsageSlot) {
+fn finish(mode: &mut Mode, found: &mut Reported, slot: &UsageSlot) {
     if let Mode::Json(buf, overflow) = mode
         && !*overflow
-        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(buf)
     {
-        *found = from_json(&v);
+        match serde_json::from_slice::<serde_json::Value>(buf) {
+            Ok(v) => found.note(&v),
+            Err(_) => found.unparsed(buf),
+        }
     }
     if let Ok(mut s) = slot.lock() {
-        *s = *found;
+        *s = found.clone();
     }
 }
 
@@ -205,6 +302,7 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
             let mut out: Option<Vec<u8>> = None;
             match this.mode {
                 Mode::Sse(scanner) => {
+                    let before = this.found.reading;
                     let found = &mut *this.found;
                     if *this.strip {
                         let pending = &mut *this.pending;
@@ -233,12 +331,14 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
                             let mut drop_it = false;
                             if let Some(event) = event
                                 && memchr::memmem::find(event, b"\"usage\"").is_some()
-                                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
                             {
-                                if let Some(u) = from_json(&v) {
-                                    *found = Some(u);
+                                match serde_json::from_slice::<serde_json::Value>(event) {
+                                    Ok(v) => {
+                                        found.note(&v);
+                                        drop_it = is_usage_only(&v);
+                                    }
+                                    Err(_) => found.unparsed(event),
                                 }
-                                drop_it = is_usage_only(&v);
                             }
                             ends.push((end, drop_it));
                         });
@@ -267,13 +367,20 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
                     } else {
                         scanner.feed(data, |event, _| {
                             // Cheap pre-check: most events carry no usage at all.
-                            if memchr::memmem::find(event, b"\"usage\"").is_some()
-                                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(event)
-                                && let Some(u) = from_json(&v)
-                            {
-                                *found = Some(u);
+                            if memchr::memmem::find(event, b"\"usage\"").is_some() {
+                                match serde_json::from_slice::<serde_json::Value>(event) {
+                                    Ok(v) => found.note(&v),
+                                    Err(_) => found.unparsed(event),
+                                }
                             }
                         });
+                    }
+                    // Published as soon as seen: a stream cut or abandoned after its usage event
+                    // is charged that usage, not its reservation.
+                    if this.found.reading != before
+                        && let Ok(mut s) = this.slot.lock()
+                    {
+                        *s = this.found.clone();
                     }
                 }
                 Mode::Json(buf, overflow) => {
@@ -332,7 +439,7 @@ mod tests {
         );
         let body = UsageTap::new(StreamBody::new(s), sse, slot.clone());
         let out = body.collect().await.unwrap().to_bytes().to_vec();
-        let u = *slot.lock().unwrap();
+        let u = slot.lock().unwrap().reading.usage();
         (out, u)
     }
 
@@ -378,7 +485,7 @@ mod tests {
         );
         let body = UsageTap::new(StreamBody::new(s), true, slot.clone()).strip_usage_event();
         let out = body.collect().await.unwrap().to_bytes().to_vec();
-        let u = *slot.lock().unwrap();
+        let u = slot.lock().unwrap().reading.usage();
         (out, u)
     }
 

@@ -3,8 +3,9 @@
 //! [`Streamed`] counts bytes, cuts a body that is silent for longer than its idle timeout
 //! (`stream_idle_timeout`: an SSE stream or an upload that stalls must not pin a connection
 //! forever), enforces a byte cap mid-stream (a chunked upload has no Content-Length to check up
-//! front), and drops a guard when the body ends or is dropped, which is when the request's audit
-//! record is complete. Nothing is buffered: each frame is passed on as it arrives.
+//! front), and tells its [`OnEnd`] guard how the body ended: read to its end, failed, cut. A
+//! guard dropped without being told is a body its reader abandoned (the client went away).
+//! Nothing is buffered: each frame is passed on as it arrives.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -91,6 +92,22 @@ pub fn find_body_error(err: &(dyn StdError + 'static)) -> Option<Cause> {
     None
 }
 
+/// How a [`Streamed`] body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Read to its end.
+    Complete,
+    /// The inner body failed (an upstream reset mid-stream).
+    Failed,
+    /// Cut by the gateway: silent too long, or over its cap.
+    Cut(BodyError),
+}
+
+/// Told once how a body ended. Dropped untold: the body was abandoned by its reader.
+pub trait OnEnd: Send {
+    fn ended(self: Box<Self>, how: Ended);
+}
+
 pin_project_lite::pin_project! {
     pub struct Streamed<B> {
         #[pin]
@@ -99,7 +116,7 @@ pin_project_lite::pin_project! {
         sleep: Option<Pin<Box<Sleep>>>,
         bytes: Arc<AtomicU64>,
         limit: u64,
-        guard: Option<Box<dyn Send>>,
+        guard: Option<Box<dyn OnEnd>>,
         done: bool,
         finished: Option<Arc<AtomicBool>>,
     }
@@ -112,7 +129,7 @@ impl<B> Streamed<B> {
         idle: Duration,
         bytes: Arc<AtomicU64>,
         limit: u64,
-        guard: Option<Box<dyn Send>>,
+        guard: Option<Box<dyn OnEnd>>,
     ) -> Self {
         Streamed {
             inner,
@@ -131,6 +148,12 @@ impl<B> Streamed<B> {
     pub fn finished_flag(mut self, flag: Arc<AtomicBool>) -> Self {
         self.finished = Some(flag);
         self
+    }
+}
+
+fn end(guard: &mut Option<Box<dyn OnEnd>>, how: Ended) {
+    if let Some(g) = guard.take() {
+        g.ended(how);
     }
 }
 
@@ -158,28 +181,30 @@ where
                         + data.len() as u64;
                     if total > *this.limit {
                         *this.done = true;
-                        this.guard.take();
+                        end(this.guard, Ended::Cut(BodyError::TooLarge));
                         return Poll::Ready(Some(Err(Box::new(BodyError::TooLarge))));
                     }
                 }
                 if let Some(s) = this.sleep.as_mut() {
                     s.as_mut().reset(Instant::now() + *this.idle);
                 }
-                if let Some(f) = this.finished
-                    && inner.is_end_stream()
-                {
-                    f.store(true, Ordering::Relaxed);
+                // A body of known length may never be polled to `None`: its last frame ends it.
+                if inner.is_end_stream() {
+                    if let Some(f) = this.finished {
+                        f.store(true, Ordering::Relaxed);
+                    }
+                    end(this.guard, Ended::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
                 *this.done = true;
-                this.guard.take();
+                end(this.guard, Ended::Failed);
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Ready(None) => {
                 *this.done = true;
-                this.guard.take();
+                end(this.guard, Ended::Complete);
                 if let Some(f) = this.finished {
                     f.store(true, Ordering::Relaxed);
                 }
@@ -192,7 +217,7 @@ where
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 if sleep.as_mut().poll(cx).is_ready() {
                     *this.done = true;
-                    this.guard.take();
+                    end(this.guard, Ended::Cut(BodyError::Idle));
                     return Poll::Ready(Some(Err(Box::new(BodyError::Idle))));
                 }
                 Poll::Pending

@@ -48,16 +48,32 @@ impl Forwarder {
         &self,
         req: Request<ResponseBody>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<Incoming>, SendError> {
         match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Err(_) => Err(GatewayError::UpstreamTimeout),
+            Err(_) => Err(SendError {
+                error: GatewayError::UpstreamTimeout,
+                connected: true,
+            }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "upstream request failed");
-                Err(classify(&e))
+                Err(SendError {
+                    error: classify(&e),
+                    connected: !e.is_connect(),
+                })
             }
         }
     }
+}
+
+/// A failed exchange, and whether a connection to the upstream was made (SPEC §7 charges
+/// nothing for a request the upstream never received).
+#[derive(Debug)]
+pub struct SendError {
+    pub error: GatewayError,
+    /// False when the connect itself failed. A timeout counts as connected: the route timeout
+    /// covers connect and answer alike, and a connect slower than it is rare.
+    pub connected: bool,
 }
 
 /// A failed exchange is the client's fault when its body could not be read or was cut by us.

@@ -429,9 +429,77 @@ where
     BodyExt::boxed(StreamBody::new(s))
 }
 
+/// One step of a scripted SSE answer.
+enum Step {
+    Event(String),
+    Pause(Duration),
+    /// Fails the body: the upstream's connection is cut.
+    Cut,
+}
+
+fn scripted(steps: Vec<Step>) -> UpBody {
+    let s = futures_util::stream::unfold(steps.into_iter(), |mut steps| async move {
+        loop {
+            match steps.next()? {
+                Step::Event(e) => return Some((Ok(Frame::data(Bytes::from(e))), steps)),
+                Step::Pause(d) => tokio::time::sleep(d).await,
+                Step::Cut => return Some((Err(std::io::Error::other("upstream cut")), steps)),
+            }
+        }
+    });
+    stream_body(s)
+}
+
+/// Decodes `%XX` escapes (anything else is kept as it is).
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match hex {
+            Some(byte) if b[i] == b'%' => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes every byte but ASCII letters and digits as `%XX` (for a query parameter's value).
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
 /// The test upstream. Paths (after any prefix):
-/// - `.../chat/completions`: OpenAI-style, JSON or SSE (`"stream": true`) with usage; `?no_usage=1`
-///   leaves usage out, `?hold=1` waits at the [`Gate`] before answering
+/// - `.../chat/completions`: OpenAI-style, JSON or SSE (`"stream": true`) with usage (JSON: 11
+///   prompt + 5 completion tokens; SSE, when `stream_options.include_usage` is set, a usage-only
+///   event with 21 + 3 and a `cost`). Query parameters:
+///   - `no_usage=1` leaves usage out
+///   - `hold=1` waits at the [`Gate`] before answering
+///   - `delay_ms=M` waits M ms before sending the response head (JSON and SSE)
+///   - `stall_ms=M` (SSE) sends the head and the first content event, then waits M ms before the
+///     rest
+///   - `cut=1` (SSE) sends the first two content events, then cuts the connection (no usage)
+///   - `usage=<percent-encoded text>` puts the decoded text verbatim as the `usage` value (JSON
+///     answer and SSE usage-only event), so that negative, huge or invalid (`NaN`) figures can be
+///     sent
 /// - `.../sse?n=N&gap_ms=G`: N SSE events, G ms apart
 /// - `.../bytes?n=N`: N bytes streamed in 64 KiB chunks
 /// - `.../count`: reads the request body, answers `{"bytes":N}`
@@ -475,43 +543,63 @@ async fn upstream_service(
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        let model = v["model"].as_str().unwrap_or("unknown").to_owned();
+        let model = serde_json::Value::from(v["model"].as_str().unwrap_or("unknown")).to_string();
         let with_usage = num("no_usage", 0) == 0;
+        let usage = |default: &str| {
+            q.get("usage")
+                .map_or_else(|| default.to_owned(), |u| percent_decode(u))
+        };
         if num("hold", 0) == 1 {
             gate.pass().await;
         }
+        if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse().ok()) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
         if v["stream"].as_bool() == Some(true) {
-            let mut events = Vec::new();
-            for word in ["Hel", "lo", "!"] {
-                events.push(format!(
-                    "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
-                ));
+            let event = |word: &str| {
+                Step::Event(format!(
+                    "data: {{\"id\":\"c1\",\"model\":{model},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n"
+                ))
+            };
+            let mut steps = vec![event("Hel")];
+            if let Some(ms) = q.get("stall_ms").and_then(|v| v.parse().ok()) {
+                steps.push(Step::Pause(Duration::from_millis(ms)));
             }
-            if with_usage && v["stream_options"]["include_usage"].as_bool() == Some(true) {
-                events.push(format!(
-                    "data: {{\"id\":\"c1\",\"model\":\"{model}\",\"choices\":[],\"usage\":{{\"prompt_tokens\":21,\"completion_tokens\":3,\"total_tokens\":24,\"cost\":0.00042}}}}\n\n"
-                ));
+            steps.push(event("lo"));
+            if num("cut", 0) == 1 {
+                // A pause first, so that what was sent is flushed with the head before the cut.
+                steps.push(Step::Pause(Duration::from_millis(100)));
+                steps.push(Step::Cut);
+            } else {
+                steps.push(event("!"));
+                if with_usage && v["stream_options"]["include_usage"].as_bool() == Some(true) {
+                    let u = usage(
+                        r#"{"prompt_tokens":21,"completion_tokens":3,"total_tokens":24,"cost":0.00042}"#,
+                    );
+                    steps.push(Step::Event(format!(
+                        "data: {{\"id\":\"c1\",\"model\":{model},\"choices\":[],\"usage\":{u}}}\n\n"
+                    )));
+                }
+                steps.push(Step::Event("data: [DONE]\n\n".to_owned()));
             }
-            events.push("data: [DONE]\n\n".to_owned());
-            let s = futures_util::stream::iter(
-                events.into_iter().map(|e| Ok(Frame::data(Bytes::from(e)))),
-            );
             Response::builder()
                 .header("content-type", "text/event-stream")
-                .body(stream_body(s))
+                .body(scripted(steps))
                 .unwrap()
         } else {
-            let mut out = serde_json::json!({
-                "id": "c1", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}}],
-                "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
-            });
-            if !with_usage {
-                out.as_object_mut().unwrap().remove("usage");
-            }
+            // Built as text, so that the usage can be anything, even invalid JSON.
+            let usage = if with_usage {
+                let u = usage(r#"{"prompt_tokens":11,"completion_tokens":5,"total_tokens":16}"#);
+                format!(",\"usage\":{u}")
+            } else {
+                String::new()
+            };
+            let out = format!(
+                "{{\"id\":\"c1\",\"object\":\"chat.completion\",\"model\":{model},\"choices\":[{{\"index\":0,\"message\":{{\"role\":\"assistant\",\"content\":\"Hello!\"}}}}]{usage}}}"
+            );
             Response::builder()
                 .header("content-type", "application/json")
-                .body(full(out.to_string()))
+                .body(full(out))
                 .unwrap()
         }
     } else if path.ends_with("/sse") {

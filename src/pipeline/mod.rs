@@ -14,11 +14,15 @@
 //!    its model and a key's `models` applied (403 `model_not_allowed`); forward with the route
 //!    timeout, the response's usage noted as it streams back (SPEC §7)
 //!
-//! Per-request state lives in [`Ctx`] (client IP, request id, route, key id) rather than in
-//! request extensions: each step is a plain function of what earlier steps established, so the
-//! order is visible in [`process`] and cannot drift from a doc comment. Every exit, error or not,
-//! goes through [`finish`], which attaches the audit record to the response body so exactly one
-//! `request` record is written when the response ends (WebSocket: when the tunnel closes).
+//! Per-request state lives in [`Ctx`] (client IP, request id, and the [`Record`] that collects
+//! route, key id and usage) rather than in request extensions: each step is a plain function of
+//! what earlier steps established, so the order is visible in [`process`] and cannot drift from a
+//! doc comment. The [`Record`], created at step 2, owns the request's audit record and charge and
+//! writes them exactly once however the request ends (see `record.rs`): [`finish`] hands it to
+//! the response body (WebSocket: to the tunnel); if the client goes away first, it is dropped
+//! with the request's future and writes itself as `client_closed`.
+
+pub mod record;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,7 +35,8 @@ use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{Audit, RecordGuard, RequestRecord};
+use self::record::{Ending, Record};
+use crate::audit::Audit;
 use crate::auth::{self, Lockout};
 use crate::client_ip;
 use crate::config::Config;
@@ -39,8 +44,9 @@ use crate::config::runtime::{AuthMode, Route, normalize_host};
 use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
 use crate::live::Live;
+use crate::llm::meter::{Exchange, Meter};
 use crate::path;
-use crate::proxy::body::{self, ResponseBody, Streamed};
+use crate::proxy::body::{self, Ended, OnEnd, ResponseBody, Streamed};
 use crate::proxy::{Forwarder, headers, websocket};
 use crate::rate_limit::{Allowed, Registry, Subject};
 use crate::route::{self, Match};
@@ -69,6 +75,9 @@ pub struct Shared {
     pub audit: Audit,
     /// WebSocket tunnels outlive their connection's HTTP state; shutdown waits for them here.
     pub tunnels: TaskTracker,
+    /// Cancelled when `shutdown_grace` runs out: connections and tunnels still open are cut
+    /// (their records are written before the process exits).
+    pub cut: tokio_util::sync::CancellationToken,
 }
 
 /// Facts about the client connection, fixed at accept.
@@ -80,43 +89,25 @@ pub struct ConnInfo {
 
 /// What the steps have established about one request.
 struct Ctx {
-    start: Instant,
     request_id: HeaderValue,
     client_ip: IpAddr,
-    route: Option<String>,
-    key_id: Option<String>,
-    upstream_ms: Option<f64>,
-    bytes_in: Arc<AtomicU64>,
-    bytes_out: Arc<AtomicU64>,
-    method: Method,
-    /// The path as received (never the query: it may hold secrets).
-    path: String,
-    user_agent: Option<String>,
-    /// Set once a WebSocket tunnel has taken over the audit record.
-    record_taken: bool,
+    /// A HEAD request: its response has no body to read.
+    head: bool,
     /// The tightest rate limit that applied, for the `RateLimit` response headers.
     rate: Option<(Allowed, std::time::Duration)>,
     /// An allowed cross-origin request: the Origin to echo.
     cors_origin: Option<HeaderValue>,
-    slot: Option<crate::audit::Slot>,
-    /// Keeps the connection counted as busy (and its slot taken) until the response ends.
+    /// Keeps the connection counted as busy until the response ends.
     active: Option<Active>,
-    /// On `llm` routes, once the request body was read.
-    llm: Option<LlmCtx>,
-    /// The matched route's request series.
-    metrics: Option<Arc<crate::metrics::RouteMetrics>>,
+    /// The request's audit record and charge, written once however it ends.
+    record: Record,
 }
 
-/// What an `llm` request carries to its audit record.
-struct LlmCtx {
-    model: Option<String>,
-    /// Where the response's usage lands.
-    usage: crate::llm::usage::UsageSlot,
-    /// The gateway asked for `include_usage`: the usage-only event is not the client's and is
-    /// removed from the stream.
-    injected: bool,
-    /// Held against the budgets until the usage is known (SPEC §7 "Reservations").
-    reservation: Option<crate::llm::budget::Reservation>,
+/// A WebSocket tunnel to open once the 101 has been handed to the client.
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: std::time::Duration,
 }
 
 impl Shared {
@@ -145,46 +136,49 @@ pub async fn handle(
     active: Active,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
-    // A place in the audit queue first: the record of this request can then never be lost.
-    let slot = shared.audit.reserve().await;
+    // Backpressure: while the audit writer is behind, new requests wait here (nothing is held
+    // afterwards; the record takes its place in the queue when it is written).
+    shared.audit.wait_for_room().await;
     let live = shared.live.load_full();
-    let cfg = &live.config;
     let start = Instant::now();
+    let cfg = &live.config;
     // Step 3 before step 2: whether a client's X-Request-Id is kept depends on the peer.
     let peer = client_ip::canonical(conn.peer.ip());
     let peer_trusted = client_ip::is_trusted(peer, &cfg.server.trusted_proxies);
     let client_ip = client_ip::resolve(peer, req.headers(), &cfg.server.trusted_proxies);
     let request_id = request_id(&req, peer_trusted);
-    let mut ctx = Ctx {
+    let record = Record::new(
+        shared.audit.clone(),
+        shared.ledger.clone(),
+        live.clone(),
         start,
-        request_id,
+        request_id.to_str().unwrap_or("").to_owned(),
         client_ip,
-        route: None,
-        key_id: None,
-        upstream_ms: None,
-        bytes_in: Arc::new(AtomicU64::new(0)),
-        bytes_out: Arc::new(AtomicU64::new(0)),
-        method: req.method().clone(),
-        path: req.uri().path().to_owned(),
-        user_agent: req
-            .headers()
+        method_name(req.method()),
+        req.uri().path(),
+        req.headers()
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-        record_taken: false,
+    );
+    let mut ctx = Ctx {
+        request_id,
+        client_ip,
+        head: req.method() == Method::HEAD,
         rate: None,
         cors_origin: None,
-        slot,
         active: Some(active),
-        llm: None,
-        metrics: None,
+        record,
     };
 
-    let (resp, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
-        Ok(resp) => (resp, "forwarded"),
-        Err(e) => (e.response(), e.code()),
+    let (resp, tunnel, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
+        Ok((resp, tunnel)) => (resp, tunnel, "forwarded"),
+        Err(e) => (e.response(), None, e.code()),
     };
-    Ok(finish(&shared, &live, &mut ctx, conn, resp, outcome))
+    Ok(finish(&shared, &live, ctx, conn, resp, tunnel, outcome))
 }
+
+/// What the steps answer: a response, and a tunnel to open behind a WebSocket's 101.
+type Answer = (Response<ResponseBody>, Option<Tunnel>);
 
 /// Steps 4–9 in SPEC order.
 async fn process(
@@ -193,7 +187,7 @@ async fn process(
     conn: ConnInfo,
     ctx: &mut Ctx,
     req: Request<Incoming>,
-) -> Result<Response<ResponseBody>, GatewayError> {
+) -> Result<Answer, GatewayError> {
     let cfg = &live.config;
     // Step 4: the request target, then the route. A preflight is routed by the method it asks
     // about, so a POST-only route still gets its preflight answered.
@@ -219,14 +213,14 @@ async fn process(
     let route = match route::find(&cfg.routes, host.as_deref(), &routed_method, &path) {
         Match::Found(r) => r,
         Match::MethodNotAllowed(r) => {
-            ctx.route = Some(r.name.clone());
-            ctx.metrics = Some(live.route_metrics[r.index].clone());
+            ctx.record
+                .set_route(&r.name, live.route_metrics[r.index].clone());
             return Err(GatewayError::MethodNotAllowed);
         }
         Match::NoRoute => return Err(GatewayError::NoRoute),
     };
-    ctx.route = Some(route.name.clone());
-    ctx.metrics = Some(live.route_metrics[route.index].clone());
+    ctx.record
+        .set_route(&route.name, live.route_metrics[route.index].clone());
 
     // Step 5: IP allow/deny (deny wins), then lockout.
     check_ip_lists(route, ctx.client_ip)?;
@@ -252,10 +246,13 @@ async fn process(
     ) {
         Verdict::Refused => return Err(GatewayError::OriginNotAllowed),
         Verdict::Allowed(origin) if preflight => {
-            return Ok(cors::preflight(cfg.cors.as_ref(), origin));
+            return Ok((cors::preflight(cfg.cors.as_ref(), origin), None));
         }
         Verdict::NotCors if preflight => {
-            return Ok(cors::preflight(None, HeaderValue::from_static("null")));
+            return Ok((
+                cors::preflight(None, HeaderValue::from_static("null")),
+                None,
+            ));
         }
         Verdict::Allowed(origin) => ctx.cors_origin = Some(origin),
         Verdict::NotCors => {}
@@ -272,11 +269,13 @@ async fn process(
             std::time::SystemTime::now(),
         ) {
             Ok(a) => {
-                ctx.key_id = Some(cfg.keys[a.index].id.clone());
+                ctx.record.set_key(&cfg.keys[a.index].id);
                 key_index = Some(a.index);
             }
             Err((err, known, counts)) => {
-                ctx.key_id = known.map(|i| cfg.keys[i].id.clone());
+                if let Some(i) = known {
+                    ctx.record.set_key(&cfg.keys[i].id);
+                }
                 crate::metrics::auth_failure(err.code());
                 if counts && let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
                     emit_lockout(shared, ctx.client_ip, lock);
@@ -304,92 +303,141 @@ async fn process(
     {
         return Err(GatewayError::PayloadTooLarge);
     }
-    // SPEC §7: on `llm` routes the request body (capped by max_body already) is read for its
-    // model; a key with a `models` allow-list is held to it before anything is forwarded.
-    if route.llm {
-        let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
-        let mut model = None;
-        let mut injected = false;
-        let mut reservation = None;
-        let req = if http_body::Body::is_end_stream(req.body()) {
-            if let Some(book) = &shared.budgets {
-                reservation = Some(reserve(book, live, key_index, None, None)?);
-            }
-            req.map(ClientBody::Streaming)
-        } else {
-            let (mut parts, incoming) = req.into_parts();
-            let mut bytes = read_body(incoming, route, cfg.server.stream_idle_timeout, ctx).await?;
-            let inspected = match allowed {
-                Some(allowed) => Some(crate::llm::request::check_models(allowed, &bytes)?),
-                None => crate::llm::request::inspect(&bytes),
-            };
-            let max_tokens = inspected.as_ref().and_then(|i| i.max_tokens);
-            model = inspected.and_then(|i| i.model);
-            if let Some(book) = &shared.budgets {
-                let own = Some((bytes.len(), max_tokens));
-                reservation = Some(reserve(book, live, key_index, model.as_deref(), own)?);
-            }
-            if cfg.usage.as_ref().is_some_and(|u| u.inject_stream_usage)
-                && let Some(rewritten) = crate::llm::request::inject_include_usage(&bytes)
-            {
-                bytes = bytes::Bytes::from(rewritten);
-                injected = true;
-            }
-            // The body is sent whole; its length is the gateway's to state, not the client's.
-            parts.headers.remove(header::CONTENT_LENGTH);
-            Request::from_parts(parts, ClientBody::Buffered(bytes))
-        };
-        ctx.llm = Some(LlmCtx {
-            model,
-            usage: crate::llm::usage::UsageSlot::default(),
-            injected,
-            reservation,
-        });
-        return forward(shared, cfg, conn, ctx, route, &path, req).await;
-    }
-    forward(
-        shared,
-        cfg,
-        conn,
-        ctx,
-        route,
-        &path,
-        req.map(ClientBody::Streaming),
-    )
-    .await
+    let req = if route.llm {
+        meter_request(shared, live, ctx, route, key_index, req).await?
+    } else {
+        req.map(ClientBody::Streaming)
+    };
+    forward(shared, cfg, conn, ctx, route, &path, req).await
 }
 
-/// SPEC §7 "Reservations": admits an `llm` request against its key's and the gateway's caps, or
-/// refuses it with 429 `budget_exceeded`. `body`: the request body's length and `max_tokens`; a
-/// request without a body reserves nothing (but is still refused once a cap is spent).
+/// SPEC §7 on `llm` routes: the request body (capped by `max_body` already) is read once for its
+/// model and limits; a key's `models` allow-list is applied, and the request admitted against
+/// the budgets with a reservation, before anything is forwarded. Where an allow-list or a budget
+/// applies, a body the gateway cannot read is 400: it cannot meter what it cannot read.
+async fn meter_request(
+    shared: &Shared,
+    live: &Live,
+    ctx: &mut Ctx,
+    route: &Route,
+    key_index: Option<usize>,
+    req: Request<Incoming>,
+) -> Result<Request<ClientBody>, GatewayError> {
+    let cfg = &live.config;
+    let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
+    let book = shared.budgets.as_ref();
+    let budgeted = book.is_some()
+        && (!cfg.budgets.is_empty() || key_index.is_some_and(|k| !cfg.keys[k].budget.is_empty()));
+    let meter = ctx.record.meter.insert(Meter::new(None));
+
+    // A WebSocket handshake (a realtime session) names its model in the query.
+    if route.websocket && headers::is_websocket_upgrade(req.headers()) {
+        meter.model = crate::llm::request::model_from_query(req.uri().query())?;
+        if let Some(allowed) = allowed
+            && !meter
+                .model
+                .as_deref()
+                .is_some_and(|m| allowed.iter().any(|p| p.matches(m)))
+        {
+            return Err(GatewayError::ModelNotAllowed);
+        }
+        if let Some(book) = book {
+            let completion = cfg
+                .usage
+                .as_ref()
+                .map_or(1024, |u| u.default_completion_reservation);
+            let own = estimate(live, meter.model.as_deref(), 0, Some(completion), 1);
+            meter.reservation = Some(reserve(book, live, key_index, own)?);
+        }
+        return Ok(req.map(ClientBody::Streaming));
+    }
+    if http_body::Body::is_end_stream(req.body()) {
+        // No body (a GET of the model list): nothing to read, nothing reserved; still refused
+        // once a cap is spent.
+        if let Some(book) = book {
+            meter.reservation = Some(reserve(book, live, key_index, Default::default())?);
+        }
+        return Ok(req.map(ClientBody::Streaming));
+    }
+    let (mut parts, incoming) = req.into_parts();
+    let bytes = read_body(
+        incoming,
+        route,
+        cfg.server.stream_idle_timeout,
+        &ctx.record.bytes_in,
+    )
+    .await?;
+    let meter = ctx.record.meter.get_or_insert_with(|| Meter::new(None));
+    let Some(parsed) = crate::llm::request::parse(&bytes) else {
+        if allowed.is_some() || budgeted {
+            return Err(GatewayError::BadRequest);
+        }
+        return Ok(Request::from_parts(parts, ClientBody::Buffered(bytes)));
+    };
+    let ins = &parsed.inspected;
+    meter.model = ins.model.clone();
+    if let Some(allowed) = allowed {
+        crate::llm::request::check_models(allowed, ins)?;
+    }
+    if let Some(book) = book {
+        if budgeted && ins.bad_limit.is_some() {
+            return Err(GatewayError::BadRequest);
+        }
+        let own = estimate(
+            live,
+            ins.model.as_deref(),
+            bytes.len(),
+            ins.completion_limit,
+            ins.choices,
+        );
+        meter.reservation = Some(reserve(book, live, key_index, own)?);
+    }
+    let mut body = bytes;
+    if cfg.usage.as_ref().is_some_and(|u| u.inject_stream_usage)
+        && let Some(rewritten) = parsed.inject_include_usage()
+    {
+        body = bytes::Bytes::from(rewritten);
+        meter.injected = true;
+    }
+    // The body is sent whole; its length is the gateway's to state, not the client's.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Ok(Request::from_parts(parts, ClientBody::Buffered(body)))
+}
+
+/// SPEC §7 "Reservations": a prompt estimate of a token per four body bytes, plus the most
+/// completion tokens a choice may have (else `default_completion_reservation`) times the choices
+/// asked for (the prompt is billed once, each choice's completion separately), priced by the
+/// request's model or the fallback price.
+fn estimate(
+    live: &Live,
+    model: Option<&str>,
+    body_len: usize,
+    completion_limit: Option<u64>,
+    choices: u64,
+) -> crate::llm::budget::Amount {
+    let usage = live.config.usage.as_ref();
+    let prompt = body_len.div_ceil(4) as f64;
+    let default = usage.map_or(1024, |u| u.default_completion_reservation);
+    let completion = completion_limit.unwrap_or(default).saturating_mul(choices) as f64;
+    let cost = usage
+        .and_then(|u| u.price(model, None))
+        .map_or(0.0, |p| p.cost(prompt, completion));
+    crate::llm::budget::Amount {
+        tokens: prompt + completion,
+        cost,
+    }
+}
+
+/// SPEC §7 "Reservations": admits an `llm` request that would reserve `own` against its key's
+/// and the gateway's caps, or refuses it with 429 `budget_exceeded`.
 fn reserve(
     book: &Arc<crate::llm::budget::Book>,
     live: &Live,
     key_index: Option<usize>,
-    model: Option<&str>,
-    body: Option<(usize, Option<u64>)>,
+    own: crate::llm::budget::Amount,
 ) -> Result<crate::llm::budget::Reservation, GatewayError> {
-    use crate::llm::budget::{Amount, Applies};
+    use crate::llm::budget::Applies;
     let cfg = &live.config;
-    let usage = cfg.usage.as_ref();
-    let own = match body {
-        None => Amount::default(),
-        Some((len, max_tokens)) => {
-            // A prompt estimate of a token per four bytes, plus the completion it may ask for.
-            let prompt = len.div_ceil(4) as f64;
-            let default = usage.map_or(1024, |u| u.default_completion_reservation);
-            let completion = max_tokens.unwrap_or(default) as f64;
-            let cost = model
-                .and_then(|m| usage?.prices.get(m))
-                .map_or(0.0, |(input, output)| {
-                    (prompt * input + completion * output) / 1e6
-                });
-            Amount {
-                tokens: prompt + completion,
-                cost,
-            }
-        }
-    };
     let applies = Applies {
         key: key_index.map(|k| live.key_ids[k].clone()),
         // Shared slices: a refcount each, no copy of the caps per request.
@@ -411,13 +459,13 @@ async fn read_body(
     incoming: Incoming,
     route: &Route,
     idle: std::time::Duration,
-    ctx: &Ctx,
+    bytes_in: &Arc<AtomicU64>,
 ) -> Result<bytes::Bytes, GatewayError> {
     use http_body_util::BodyExt;
     let body = Streamed::new(
         incoming.map_err(body::ClientBodyError),
         idle,
-        ctx.bytes_in.clone(),
+        bytes_in.clone(),
         route.max_body,
         None,
     );
@@ -649,7 +697,7 @@ async fn forward(
     route: &Route,
     path: &str,
     req: Request<ClientBody>,
-) -> Result<Response<ResponseBody>, GatewayError> {
+) -> Result<Answer, GatewayError> {
     let (mut parts, incoming) = req.into_parts();
     let is_ws = route.websocket
         && parts.version == Version::HTTP_11
@@ -745,23 +793,24 @@ async fn forward(
         let mut up_req = Request::from_parts(parts, body::empty());
         up_req.headers_mut().remove(header::CONTENT_LENGTH);
         let sent = Instant::now();
-        let mut resp =
-            websocket::handshake(&route.upstream.authority, up_req, route.timeout).await?;
-        ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
+        ctx.record.exchange = Exchange::Sent;
+        let mut resp = websocket::handshake(&route.upstream.authority, up_req, route.timeout)
+            .await
+            .inspect_err(|e| {
+                if *e != GatewayError::UpstreamTimeout {
+                    ctx.record.exchange = Exchange::NotSent;
+                }
+            })?;
+        ctx.record.set_upstream_ms(crate::audit::ms(sent.elapsed()));
+        ctx.record.exchange = Exchange::Answered(resp.status().as_u16());
         if websocket::accepted(&resp)
             && let Some(client_upgrade) = client_upgrade
         {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let guard = (
-                record_guard(shared, ctx, 101, "forwarded"),
-                ctx.active.take(),
-            );
-            ctx.record_taken = true;
-            let (bin, bout) = (ctx.bytes_in.clone(), ctx.bytes_out.clone());
-            shared.tunnels.spawn(async move {
-                websocket::tunnel(client_upgrade, upstream_upgrade, idle, bin, bout).await;
-                drop(guard);
-            });
+            let tunnel = Tunnel {
+                client: client_upgrade,
+                upstream: hyper::upgrade::on(&mut resp),
+                idle,
+            };
             let (mut parts, _) = resp.into_parts();
             let keep: Vec<(HeaderName, HeaderValue)> = parts
                 .headers
@@ -779,9 +828,9 @@ async fn forward(
             parts
                 .headers
                 .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            return Ok(Response::from_parts(parts, body::empty()));
+            return Ok((Response::from_parts(parts, body::empty()), Some(tunnel)));
         }
-        return Ok(upstream_response(resp));
+        return Ok((upstream_response(resp), None));
     }
 
     let (up_body, body_done) = match incoming {
@@ -794,52 +843,79 @@ async fn forward(
                 http_body::Body::is_end_stream(&incoming),
             ));
             let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
-            let b = Streamed::new(incoming, idle, ctx.bytes_in.clone(), route.max_body, None)
-                .finished_flag(done.clone());
+            let b = Streamed::new(
+                incoming,
+                idle,
+                ctx.record.bytes_in.clone(),
+                route.max_body,
+                None,
+            )
+            .finished_flag(done.clone());
             (http_body_util::BodyExt::boxed_unsync(b), done)
         }
     };
+    let post = parts.method == Method::POST;
     let up_req = Request::from_parts(parts, up_body);
     let sent = Instant::now();
+    ctx.record.exchange = Exchange::Sent;
     let resp = match shared.forwarder.send(up_req, route.timeout).await {
-        // The upstream cannot answer a request it has not fully received: a body still arriving
-        // when the route timeout fires is the client's slowness (408), not the upstream's (504).
-        Err(GatewayError::UpstreamTimeout)
-            if !body_done.load(std::sync::atomic::Ordering::Relaxed) =>
-        {
-            return Err(GatewayError::RequestTimeout);
+        Ok(resp) => resp,
+        Err(failed) => {
+            // SPEC §7: the upstream never received it (connect failed), or the gateway refused
+            // it (the client's body was too slow, too large or malformed): nothing to charge.
+            let error = match failed.error {
+                // The upstream cannot answer a request it has not fully received: a body still
+                // arriving when the route timeout fires is the client's slowness (408), not the
+                // upstream's (504).
+                GatewayError::UpstreamTimeout
+                    if !body_done.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    GatewayError::RequestTimeout
+                }
+                e => e,
+            };
+            let upstream_side = matches!(
+                error,
+                GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable
+            );
+            if !(upstream_side && failed.connected) {
+                ctx.record.exchange = Exchange::NotSent;
+            }
+            return Err(error);
         }
-        r => r?,
     };
-    ctx.upstream_ms = Some(crate::audit::ms(sent.elapsed()));
-    if let Some(m) = &ctx.metrics {
+    ctx.record.exchange = Exchange::Answered(resp.status().as_u16());
+    ctx.record.set_upstream_ms(crate::audit::ms(sent.elapsed()));
+    if let Some(m) = &ctx.record.metrics {
         m.upstream(sent.elapsed());
     }
-    if let Some(LlmCtx {
-        usage, injected, ..
-    }) = &ctx.llm
-    {
+    // SPEC §7: usage is read only from answers to POST requests (a GET may fetch a stored file
+    // that merely looks like usage).
+    if post && let Some(meter) = &ctx.record.meter {
         let sse = resp
             .headers()
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         let (mut parts, incoming) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, usage.clone());
-        if *injected && sse {
+        let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, meter.slot.clone());
+        if meter.injected && sse {
             tapped = tapped.strip_usage_event();
             // The client gets fewer bytes than the upstream sent: its length no longer holds.
             parts.headers.remove(header::CONTENT_LENGTH);
         }
-        return Ok(Response::from_parts(
-            parts,
-            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                tapped,
-                Into::into,
-            )),
+        return Ok((
+            Response::from_parts(
+                parts,
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                    tapped,
+                    Into::into,
+                )),
+            ),
+            None,
         ));
     }
-    Ok(upstream_response(resp))
+    Ok((upstream_response(resp), None))
 }
 
 /// The upstream's answer with its hop-by-hop headers removed. `finish` wraps the body.
@@ -859,50 +935,31 @@ fn join_header(h: &http::HeaderMap, name: &HeaderName) -> Option<String> {
     (!vals.is_empty()).then(|| vals.join(", "))
 }
 
-fn record_guard(shared: &Shared, ctx: &mut Ctx, status: u16, outcome: &'static str) -> RecordGuard {
-    RecordGuard {
-        audit: shared.audit.clone(),
-        slot: ctx.slot.take(),
-        ledger: shared.ledger.clone(),
-        metrics: ctx.metrics.clone(),
-        record: RequestRecord {
-            ts: String::new(),
-            event: "request",
-            request_id: ctx.request_id.to_str().unwrap_or("").to_owned(),
-            client_ip: ctx.client_ip,
-            method: method_name(&ctx.method),
-            path: std::mem::take(&mut ctx.path),
-            route: std::mem::take(&mut ctx.route),
-            key_id: std::mem::take(&mut ctx.key_id),
-            status,
-            outcome,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_ms: 0.0,
-            upstream_ms: ctx.upstream_ms,
-            user_agent: std::mem::take(&mut ctx.user_agent),
-            llm: None,
-        },
-        start: ctx.start,
-        bytes_in: ctx.bytes_in.clone(),
-        bytes_out: ctx.bytes_out.clone(),
-        llm: ctx.llm.as_mut().map(|l| crate::llm::usage::LlmAudit {
-            model: l.model.clone(),
-            usage: l.usage.clone(),
-            label: String::new(),
-            price: None,
-            reservation: l.reservation.take(),
-        }),
+/// What the response body carries to its end: the record, and the connection's busy mark.
+struct Guard {
+    record: Record,
+    _active: Option<Active>,
+}
+
+impl OnEnd for Guard {
+    fn ended(mut self: Box<Self>, how: Ended) {
+        self.record.end(match how {
+            Ended::Complete => Ending::Complete,
+            Ended::Failed | Ended::Cut(body::BodyError::TooLarge) => Ending::UpstreamCut,
+            Ended::Cut(body::BodyError::Idle) => Ending::UpstreamIdle,
+        });
     }
 }
 
-/// Adds the response headers every answer carries and ties the audit record to the body's end.
+/// Adds the response headers every answer carries and hands the record to the body's end (or to
+/// the WebSocket tunnel, which writes it at close).
 fn finish(
     shared: &Shared,
     live: &Live,
-    ctx: &mut Ctx,
+    mut ctx: Ctx,
     conn: ConnInfo,
     resp: Response<ResponseBody>,
+    tunnel: Option<Tunnel>,
     outcome: &'static str,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = resp.into_parts();
@@ -937,27 +994,36 @@ fn finish(
             origin.clone(),
         );
     }
-    if ctx.record_taken {
+    let status = parts.status;
+    let bodiless = ctx.head
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
+        || http_body::Body::is_end_stream(&body);
+    ctx.record.responded(status.as_u16(), outcome, bodiless);
+    let mut record = ctx.record;
+    if let Some(t) = tunnel {
+        // SPEC §3.2: the record of a WebSocket is written at close, with the byte counts.
+        let (bin, bout) = (record.bytes_in.clone(), record.bytes_out.clone());
+        let active = ctx.active.take();
+        let cut = shared.cut.clone();
+        shared.tunnels.spawn(async move {
+            let ending = tokio::select! {
+                () = websocket::tunnel(t.client, t.upstream, t.idle, bin, bout) => Ending::Complete,
+                () = cut.cancelled() => Ending::ClientGone,
+            };
+            record.end(ending);
+            drop(active);
+        });
         return Response::from_parts(parts, body);
     }
-    let mut record = record_guard(shared, ctx, parts.status.as_u16(), outcome);
-    if let Some(llm) = &mut record.llm {
-        llm.label = live.model_label(llm.model.as_deref());
-        llm.price = llm
-            .model
-            .as_deref()
-            .and_then(|m| live.config.usage.as_ref()?.prices.get(m).copied());
-    }
+    let out = record.bytes_out.clone();
     // The connection counts as busy (for idle_timeout) until this response body has ended.
-    let guard = (record, ctx.active.take());
+    let guard = Box::new(Guard {
+        record,
+        _active: ctx.active.take(),
+    });
     let idle = live.config.server.stream_idle_timeout;
-    let body = Streamed::new(
-        body,
-        idle,
-        ctx.bytes_out.clone(),
-        u64::MAX,
-        Some(Box::new(guard)),
-    );
+    let body = Streamed::new(body, idle, out, u64::MAX, Some(guard));
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 

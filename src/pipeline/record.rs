@@ -1,0 +1,296 @@
+//! The end of a request (SPEC §4: exactly one `request` record for every request that reached
+//! step 2, however it ended; §7: its charge).
+//!
+//! A [`Record`] is created when a request enters the pipeline and owns both its audit record
+//! and, on `llm` routes, its charge. It writes them exactly once, whichever way the request ends
+//! — tower-http's trace layer gives each exit a callback (`on_response`, `on_eos`, `on_failure`);
+//! here each exit is an [`Ending`]:
+//!
+//! | how it ended | outcome | status |
+//! |---|---|---|
+//! | the response body ended (or was bodiless) | `forwarded` or the gateway's error code | as sent |
+//! | the client went away first (the request future or the body dropped) | `client_closed` | as sent, 499 if nothing was |
+//! | the upstream cut the body mid-way | `upstream_unavailable` | as sent |
+//! | the body went silent for `stream_idle_timeout` | `upstream_timeout` | as sent |
+//! | cut when `shutdown_grace` ran out | `overloaded` | as sent, 503 if nothing was |
+//!
+//! Dropped without an explicit ending, a record writes itself as `client_closed`: that is what
+//! hyper does to a request whose client hung up (HTTP/1.1 EOF, HTTP/2 RST_STREAM) — it drops the
+//! request's future, or the response body. Nothing below this module (the audit writer, the
+//! ledger) knows about outcomes or budgets.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::audit::Audit;
+use crate::live::Live;
+use crate::llm::ledger::{Ledger, Row};
+use crate::llm::meter::{Exchange, Meter};
+use crate::llm::usage::LlmRecord;
+use crate::metrics::RouteMetrics;
+
+/// SPEC §3.4 "Bounded records": a client cannot make one record arbitrarily large.
+const MAX_USER_AGENT: usize = 512;
+const MAX_PATH: usize = 2048;
+
+/// Set when `shutdown_grace` has run out and the remaining requests are being cut: their
+/// records say `overloaded` (the gateway, not the client, ended them).
+static CUT_BY_SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// From now on, requests that end without their response are being cut by shutdown.
+pub fn cutting_for_shutdown() {
+    CUT_BY_SHUTDOWN.store(true, Ordering::Relaxed);
+}
+
+/// The `request` record (SPEC §4).
+#[derive(Serialize)]
+pub struct RequestRecord {
+    pub ts: String,
+    pub event: &'static str,
+    pub request_id: String,
+    pub client_ip: IpAddr,
+    pub method: std::borrow::Cow<'static, str>,
+    pub path: String,
+    pub route: Option<String>,
+    pub key_id: Option<String>,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_ms: f64,
+    pub upstream_ms: Option<f64>,
+    pub user_agent: Option<String>,
+    /// SPEC §7: model, tokens, cost and their sources, on `llm` routes only.
+    #[serde(flatten)]
+    pub llm: Option<LlmRecord>,
+}
+
+/// How a request ended (see the module's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Complete,
+    ClientGone,
+    UpstreamCut,
+    UpstreamIdle,
+}
+
+/// One request's record and charge, written once (see the module doc).
+pub struct Record {
+    audit: Audit,
+    ledger: Option<Ledger>,
+    /// The config the request started under: prices and model labels for its charge.
+    live: Arc<Live>,
+    fields: RequestRecord,
+    start: Instant,
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    /// The matched route's request series.
+    pub metrics: Option<Arc<RouteMetrics>>,
+    /// On `llm` routes: the request's metering.
+    pub meter: Option<Meter>,
+    /// How far the exchange with the upstream got (what the request is charged for).
+    pub exchange: Exchange,
+    /// The status of the response handed to the client, once there is one.
+    sent: Option<u16>,
+    outcome: &'static str,
+    /// A bodiless response (HEAD, 204, 304, an empty body): hyper drops it unread, and that is
+    /// its end, not the client's going away.
+    dropped_means_complete: bool,
+    written: bool,
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` marking the cut.
+fn bounded(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max - '…'.len_utf8();
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl Record {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        audit: Audit,
+        ledger: Option<Ledger>,
+        live: Arc<Live>,
+        start: Instant,
+        request_id: String,
+        client_ip: IpAddr,
+        method: std::borrow::Cow<'static, str>,
+        path: &str,
+        user_agent: Option<String>,
+    ) -> Record {
+        Record {
+            audit,
+            ledger,
+            live,
+            fields: RequestRecord {
+                ts: String::new(),
+                event: "request",
+                request_id,
+                client_ip,
+                method,
+                path: bounded(path.to_owned(), MAX_PATH),
+                route: None,
+                key_id: None,
+                status: 0,
+                outcome: "forwarded",
+                bytes_in: 0,
+                bytes_out: 0,
+                duration_ms: 0.0,
+                upstream_ms: None,
+                user_agent: user_agent.map(|u| bounded(u, MAX_USER_AGENT)),
+                llm: None,
+            },
+            start,
+            bytes_in: Arc::default(),
+            bytes_out: Arc::default(),
+            metrics: None,
+            meter: None,
+            exchange: Exchange::NotSent,
+            sent: None,
+            outcome: "forwarded",
+            dropped_means_complete: false,
+            written: false,
+        }
+    }
+
+    pub fn set_route(&mut self, name: &str, metrics: Arc<RouteMetrics>) {
+        self.fields.route = Some(name.to_owned());
+        self.metrics = Some(metrics);
+    }
+
+    pub fn set_key(&mut self, id: &str) {
+        self.fields.key_id = Some(id.to_owned());
+    }
+
+    pub fn set_upstream_ms(&mut self, ms: f64) {
+        self.fields.upstream_ms = Some(ms);
+    }
+
+    /// The response the client is handed: its status, and the outcome the record will carry if
+    /// the response ends as meant. `bodiless`: nothing will be read of its body.
+    pub fn responded(&mut self, status: u16, outcome: &'static str, bodiless: bool) {
+        self.sent = Some(status);
+        self.outcome = outcome;
+        self.dropped_means_complete = bodiless;
+    }
+
+    /// Writes the record and the charge. Called once; later calls (and the drop) do nothing.
+    pub fn end(&mut self, ending: Ending) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let shutdown = CUT_BY_SHUTDOWN.load(Ordering::Relaxed);
+        let (outcome, unsent) = match ending {
+            Ending::Complete => (self.outcome, 499),
+            Ending::ClientGone if shutdown => ("overloaded", 503),
+            Ending::ClientGone => ("client_closed", 499),
+            Ending::UpstreamCut => ("upstream_unavailable", 502),
+            Ending::UpstreamIdle => ("upstream_timeout", 504),
+        };
+        let f = &mut self.fields;
+        f.outcome = outcome;
+        f.status = self.sent.unwrap_or(unsent);
+        f.ts = crate::audit::now_rfc3339();
+        f.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        f.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        if let Some(meter) = self.meter.take() {
+            self.settle(meter);
+        }
+        let f = &mut self.fields;
+        let elapsed = self.start.elapsed();
+        f.duration_ms = crate::audit::ms(elapsed);
+        match (&self.metrics, &f.route) {
+            (Some(m), Some(route)) => m.request(route, f.outcome, elapsed),
+            _ => crate::metrics::request(f.route.as_deref(), f.outcome, elapsed),
+        }
+        // Sized for a typical record up front: growing from empty costs half a dozen reallocs.
+        let mut line = Vec::with_capacity(512);
+        match serde_json::to_writer(&mut line, &self.fields) {
+            Ok(()) => {
+                line.push(b'\n');
+                self.audit.emit_line(line);
+            }
+            Err(e) => tracing::error!(error = %e, "request record could not be serialized"),
+        }
+    }
+
+    /// The charge (SPEC §7's table), its budget events, metrics and ledger row.
+    fn settle(&mut self, meter: Meter) {
+        let usage = self.live.config.usage.as_ref();
+        let settled = meter.settle(self.exchange, |req, resp| usage?.price(req, resp));
+        for e in &settled.events {
+            self.audit.emit(e);
+        }
+        let f = &self.fields;
+        let rec = settled.record;
+        if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
+            crate::metrics::llm_usage(
+                f.route.as_deref().unwrap_or("none"),
+                f.key_id.as_deref().unwrap_or("none"),
+                self.live.model_label(rec.model.as_deref()),
+                p,
+                c,
+                rec.cost_usd,
+            );
+        }
+        if let (Some(ledger), Some(route)) = (&self.ledger, &f.route) {
+            ledger.record(Row {
+                ts_ms: SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+                request_id: f.request_id.clone(),
+                key_id: f.key_id.clone(),
+                route: route.clone(),
+                model: rec.model.clone(),
+                prompt_tokens: rec.prompt_tokens,
+                completion_tokens: rec.completion_tokens,
+                cost_usd: rec.cost_usd,
+                usage_source: rec.usage_source,
+                charged_tokens: settled.charged.tokens as u64,
+                charged_cost: settled.charged.cost,
+            });
+        }
+        self.fields.llm = Some(rec);
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let ending = if self.dropped_means_complete {
+            Ending::Complete
+        } else {
+            Ending::ClientGone
+        };
+        self.end(ending);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_cut_on_a_character_boundary() {
+        assert_eq!(bounded("short".into(), 10), "short");
+        let cut = bounded("é".repeat(600), MAX_USER_AGENT);
+        assert!(
+            cut.len() <= MAX_USER_AGENT && cut.ends_with('…'),
+            "{}",
+            cut.len()
+        );
+        let cut = bounded("a".repeat(5000), MAX_PATH);
+        assert_eq!(cut.len(), MAX_PATH);
+    }
+}
