@@ -60,3 +60,39 @@ async fn in_flight_sse_stream_completes_after_sigterm_and_exit_code_is_0() {
     assert_eq!(recs.len(), 1);
     assert_eq!(recs[0]["status"], 200);
 }
+
+#[tokio::test]
+async fn a_stream_still_running_when_shutdown_grace_ends_is_cut_and_recorded() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section("").replace("shutdown_grace = \"10s\"", "shutdown_grace = \"500ms\""),
+        up.url()
+    );
+    let mut gw = Gateway::start(&config).await;
+    // 100 events, 200 ms apart: 20 s of stream, far beyond the grace.
+    let resp = client()
+        .get(gw.url("/sse?n=100&gap_ms=200"))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"id: 0"), "{first:?}");
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit().await, 0);
+    gw.wait_events("shutdown", 1).await;
+    // The cut stream is recorded (SPEC §4: "cut by shutdown"), before the shutdown event.
+    let lines: Vec<serde_json::Value> = gw
+        .stdout
+        .all()
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let events: Vec<&str> = lines.iter().filter_map(|v| v["event"].as_str()).collect();
+    assert_eq!(events, ["startup", "request", "shutdown"], "{lines:?}");
+    let rec = &lines[1];
+    assert_eq!(rec["outcome"], "overloaded", "{rec}");
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert!(rec["bytes_out"].as_u64().unwrap() > 0, "{rec}");
+}
