@@ -172,6 +172,33 @@ fn env_override_error_names_the_variable() {
 }
 
 #[test]
+fn env_override_of_a_string_field_stays_a_string_and_values_are_never_echoed() {
+    // A numeric-looking token is still a token (it used to be refused as an integer, and the
+    // error printed it).
+    let admin = format!("[admin]\nlisten = \"127.0.0.1:0\"\n{ROUTE}");
+    let (code, out, err) = check(&admin, &[("PORTCULLIS_ADMIN__TOKEN", "123456")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains("123456") && !err.contains("123456"),
+        "{out}{err}"
+    );
+    // Numbers still override numbers.
+    let (code, _, err) = check(ROUTE, &[("PORTCULLIS_SERVER__MAX_CONNECTIONS", "64")]);
+    assert_eq!(code, 0, "{err}");
+    // A bad value is named by its variable, never shown.
+    for (var, value) in [
+        ("PORTCULLIS_SERVER__HEADER_TIMEOUT", "hunter2-secret"),
+        ("PORTCULLIS_SERVER__MAX_CONNECTIONS", "\"hunter2-secret\""),
+        ("PORTCULLIS_SERVER__LISTEN", "hunter2-secret"),
+    ] {
+        let (code, _, err) = check(ROUTE, &[(var, value)]);
+        assert_eq!(code, 1, "{var}: {err}");
+        assert!(err.contains(var), "{err}");
+        assert!(!err.contains("hunter2"), "value echoed: {err}");
+    }
+}
+
+#[test]
 fn missing_certificate_file_is_refused() {
     refused(
         &format!(

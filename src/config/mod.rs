@@ -76,12 +76,48 @@ pub fn load(path: &Path, env: &env::LayeredEnv) -> Result<Config, ConfigError> {
 }
 
 /// The pure part of [`load`]: `text` is the file's content, `overrides` the `PORTCULLIS_*` vars.
-pub fn parse<'a>(
+///
+/// An override's value is read as a TOML scalar (`PORTCULLIS_SERVER__MAX_CONNECTIONS=64` is a
+/// number), except where the field wants a string: an admin token of `123456` stays the string
+/// `"123456"`. The value of an override never appears in an error (it may be a secret).
+pub fn parse(
+    path: &Path,
+    text: &str,
+    overrides: &[(String, String)],
+    env: &dyn Env,
+) -> Result<Config, ConfigError> {
+    let mut as_string: Vec<String> = Vec::new();
+    loop {
+        match parse_once(path, text, overrides, env, &as_string) {
+            Ok(c) => return Ok(c),
+            // A type error at an overridden key: the field wants a string; read it as one.
+            Err((_, Some(var))) if !as_string.contains(&var) => as_string.push(var),
+            Err((mut e, _)) => {
+                if let Some(var) = &e.env_var
+                    && let Some((_, value)) = overrides.iter().find(|(v, _)| v == var)
+                    && !value.is_empty()
+                {
+                    let escaped = format!("{value:?}");
+                    e.message = e
+                        .message
+                        .replace(escaped.trim_matches('"'), "<value>")
+                        .replace(value.as_str(), "<value>");
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// One attempt at [`parse`], with the overrides named in `as_string` read as strings. On a type
+/// error at an overridden key not yet read as a string, also returns that variable's name.
+fn parse_once<'a>(
     path: &Path,
     text: &'a str,
     overrides: &'a [(String, String)],
     env: &dyn Env,
-) -> Result<Config, ConfigError> {
+    as_string: &[String],
+) -> Result<Config, (ConfigError, Option<String>)> {
     let err = |span: Option<Range<usize>>,
                key_path: Option<String>,
                env_var: Option<String>,
@@ -93,8 +129,8 @@ pub fn parse<'a>(
         message,
     };
 
-    let mut root =
-        DeTable::parse(text).map_err(|e| err(e.span(), None, None, e.message().to_owned()))?;
+    let mut root = DeTable::parse(text)
+        .map_err(|e| (err(e.span(), None, None, e.message().to_owned()), None))?;
     let mut applied: Vec<(String, String)> = Vec::new();
     for (var, value) in overrides {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
@@ -105,8 +141,19 @@ pub fn parse<'a>(
         };
         let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
         let key_path = format!("{section}.{key}");
-        apply_override(root.get_mut(), &section, &key, value)
-            .map_err(|m| err(None, Some(key_path.clone()), Some(var.clone()), m))?;
+        apply_override(
+            root.get_mut(),
+            &section,
+            &key,
+            value,
+            as_string.contains(var),
+        )
+        .map_err(|m| {
+            (
+                err(None, Some(key_path.clone()), Some(var.clone()), m),
+                None,
+            )
+        })?;
         applied.push((key_path, var.clone()));
     }
     let env_var_for = |kp: &str| {
@@ -126,13 +173,16 @@ pub fn parse<'a>(
         let span = inner
             .span()
             .or_else(|| kp.as_deref().and_then(|p| find_span(&located, p)));
-        err(span, kp, env_var, inner.message().to_owned())
+        let retry = env_var
+            .clone()
+            .filter(|_| inner.message().starts_with("invalid type"));
+        (err(span, kp, env_var, inner.message().to_owned()), retry)
     })?;
 
     Config::from_raw(raw, env).map_err(|inv| {
         let span = find_span(&located, &inv.path);
         let env_var = env_var_for(&inv.path);
-        err(span, Some(inv.path), env_var, inv.message)
+        (err(span, Some(inv.path), env_var, inv.message), None)
     })
 }
 
@@ -141,6 +191,7 @@ fn apply_override<'i>(
     section: &str,
     key: &str,
     value: &'i str,
+    as_string: bool,
 ) -> Result<(), String> {
     if section.is_empty() || key.is_empty() || key.contains("__") {
         return Err("expected PORTCULLIS_<SECTION>__<KEY>".to_owned());
@@ -154,7 +205,7 @@ fn apply_override<'i>(
         ));
     };
     let mut new = match DeValue::parse(value) {
-        Ok(v) if !v.get_ref().is_table() => v.into_inner(),
+        Ok(v) if !as_string && !v.get_ref().is_table() => v.into_inner(),
         _ => DeValue::String(Cow::Owned(value.to_owned())),
     };
     new.make_owned();

@@ -42,11 +42,15 @@ pub struct Meter {
     pub injected: bool,
     /// Held against the budgets until the request is settled; `None` without budgets.
     pub reservation: Option<Reservation>,
+    /// Passed the allow-list and the budgets: the request gets a ledger row (refusals do not,
+    /// so `portcullis usage` counts the requests that were let through).
+    pub admitted: bool,
 }
 
 /// What settling a request produced: its record's `llm` fields, its charge, and the `budget`
 /// events the charge caused.
 pub struct Settled {
+    pub admitted: bool,
     pub record: LlmRecord,
     pub charged: Amount,
     pub events: Vec<BudgetEvent>,
@@ -59,6 +63,7 @@ impl Meter {
             slot: UsageSlot::default(),
             injected: false,
             reservation: None,
+            admitted: false,
         }
     }
 
@@ -94,6 +99,7 @@ impl Meter {
             None => Vec::new(),
         };
         Settled {
+            admitted: self.admitted,
             record,
             charged,
             events,

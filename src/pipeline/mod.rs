@@ -6,10 +6,10 @@
 //! 2. request id: kept from a trusted proxy if well-formed, else a new ULID
 //! 3. client IP: peer, or right-most untrusted `X-Forwarded-For` hop via a trusted proxy
 //! 4. request-target checks, path normalization, route match .. 400 / 404 / 405
-//! 5. IP allow/deny lists, then lockout ....................... 403 `ip_denied`, 429 `locked_out`
+//! 5. IP allow/deny lists, lockout, per-IP rate limit ......... 403 `ip_denied`, 429
 //! 6. CORS: preflights answered here; foreign Origin refused .. 204, 403 `origin_not_allowed`
 //! 7. API key, then scope and expiry (`auth = "key"` routes) .. 401, 403 `key_not_allowed`
-//! 8. rate limits: per-IP for the route, then per-key ......... 429 `rate_limited`
+//! 8. the per-key rate limit .................................. 429 `rate_limited`
 //! 9. body cap (Content-Length up front, then mid-stream); on `llm` routes the body is read for
 //!    its model and a key's `models` applied (403 `model_not_allowed`); forward with the route
 //!    timeout, the response's usage noted as it streams back (SPEC §7)
@@ -222,13 +222,20 @@ async fn process(
     ctx.record
         .set_route(&route.name, live.route_metrics[route.index].clone());
 
-    // Step 5: IP allow/deny (deny wins), then lockout.
+    // Step 5: IP allow/deny (deny wins), then lockout, ...
     check_ip_lists(route, ctx.client_ip)?;
     let who = client_ip::limit_key(ctx.client_ip);
     shared
         .lockout
         .check(who, Instant::now())
         .map_err(|left| GatewayError::LockedOut { retry_after: left })?;
+    // ... then the route's per-IP limit, before the key check (nginx limits in its preaccess
+    // phase for the same reason): a flood without a key is limited too, instead of costing a
+    // key lookup and an audit line each. CORS preflights count.
+    if let Some(l) = &live.route_ip[route.index] {
+        limit(ctx, l, &Subject::Ip(who))
+            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
+    }
 
     // Step 6: CORS. Checked against the Host the browser used, so same-origin always passes.
     let raw_host = req
@@ -285,11 +292,7 @@ async fn process(
         }
     }
 
-    // Step 8: per-IP for the route, then per-key.
-    if let Some(l) = &live.route_ip[route.index] {
-        limit(ctx, l, &Subject::Ip(who))
-            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
-    }
+    // Step 8: the per-key limit.
     if let Some(k) = key_index
         && let Some(l) = live.per_key_limiter(k, route.index)
     {
@@ -349,6 +352,7 @@ async fn meter_request(
             let own = estimate(live, meter.model.as_deref(), 0, Some(completion), 1);
             meter.reservation = Some(reserve(book, live, key_index, own)?);
         }
+        meter.admitted = true;
         return Ok(req.map(ClientBody::Streaming));
     }
     if http_body::Body::is_end_stream(req.body()) {
@@ -357,6 +361,7 @@ async fn meter_request(
         if let Some(book) = book {
             meter.reservation = Some(reserve(book, live, key_index, Default::default())?);
         }
+        meter.admitted = true;
         return Ok(req.map(ClientBody::Streaming));
     }
     let (mut parts, incoming) = req.into_parts();
@@ -372,6 +377,7 @@ async fn meter_request(
         if allowed.is_some() || budgeted {
             return Err(GatewayError::BadRequest);
         }
+        meter.admitted = true;
         return Ok(Request::from_parts(parts, ClientBody::Buffered(bytes)));
     };
     let ins = &parsed.inspected;
@@ -399,6 +405,7 @@ async fn meter_request(
         body = bytes::Bytes::from(rewritten);
         meter.injected = true;
     }
+    meter.admitted = true;
     // The body is sent whole; its length is the gateway's to state, not the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
     Ok(Request::from_parts(parts, ClientBody::Buffered(body)))

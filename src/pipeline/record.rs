@@ -244,7 +244,7 @@ impl Record {
                 rec.cost_usd,
             );
         }
-        if let (Some(ledger), Some(route)) = (&self.ledger, &f.route) {
+        if let (Some(ledger), Some(route), true) = (&self.ledger, &f.route, settled.admitted) {
             ledger.record(Row {
                 ts_ms: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
