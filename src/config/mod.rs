@@ -91,20 +91,22 @@ pub fn parse(
         match parse_once(path, text, overrides, env, &as_string) {
             Ok(c) => return Ok(c),
             // A type error at an overridden key: the field wants a string; read it as one.
-            Err((_, Some(var))) if !as_string.contains(&var) => as_string.push(var),
-            Err((mut e, _)) => {
-                if let Some(var) = &e.env_var
-                    && let Some((_, value)) = overrides.iter().find(|(v, _)| v == var)
-                    && !value.is_empty()
-                {
-                    let escaped = format!("{value:?}");
-                    e.message = e
-                        .message
-                        .replace(escaped.trim_matches('"'), "<value>")
-                        .replace(value.as_str(), "<value>");
+            Err(failed) => match *failed {
+                (_, Some(var)) if !as_string.contains(&var) => as_string.push(var),
+                (mut e, _) => {
+                    if let Some(var) = &e.env_var
+                        && let Some((_, value)) = overrides.iter().find(|(v, _)| v == var)
+                        && !value.is_empty()
+                    {
+                        let escaped = format!("{value:?}");
+                        e.message = e
+                            .message
+                            .replace(escaped.trim_matches('"'), "<value>")
+                            .replace(value.as_str(), "<value>");
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            },
         }
     }
 }
@@ -117,7 +119,7 @@ fn parse_once<'a>(
     overrides: &'a [(String, String)],
     env: &dyn Env,
     as_string: &[String],
-) -> Result<Config, (ConfigError, Option<String>)> {
+) -> Result<Config, Box<(ConfigError, Option<String>)>> {
     let err = |span: Option<Range<usize>>,
                key_path: Option<String>,
                env_var: Option<String>,
@@ -130,7 +132,7 @@ fn parse_once<'a>(
     };
 
     let mut root = DeTable::parse(text)
-        .map_err(|e| (err(e.span(), None, None, e.message().to_owned()), None))?;
+        .map_err(|e| Box::new((err(e.span(), None, None, e.message().to_owned()), None)))?;
     let mut applied: Vec<(String, String)> = Vec::new();
     for (var, value) in overrides {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
@@ -176,13 +178,13 @@ fn parse_once<'a>(
         let retry = env_var
             .clone()
             .filter(|_| inner.message().starts_with("invalid type"));
-        (err(span, kp, env_var, inner.message().to_owned()), retry)
+        Box::new((err(span, kp, env_var, inner.message().to_owned()), retry))
     })?;
 
     Config::from_raw(raw, env).map_err(|inv| {
         let span = find_span(&located, &inv.path);
         let env_var = env_var_for(&inv.path);
-        (err(span, Some(inv.path), env_var, inv.message), None)
+        Box::new((err(span, Some(inv.path), env_var, inv.message), None))
     })
 }
 
