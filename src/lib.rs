@@ -54,6 +54,10 @@ pub fn load_checked(
     env: &LayeredEnv,
 ) -> Result<(Config, Option<Arc<rustls::ServerConfig>>), StartError> {
     let cfg = config::load(path, env)?;
+    // A ledger that `run` would refuse fails `check` too (without creating or changing it).
+    if let Some(db) = cfg.usage.as_ref().and_then(|u| u.database.as_deref()) {
+        llm::ledger::verify(db).map_err(StartError::Other)?;
+    }
     let tls = match &cfg.tls {
         None => None,
         Some(files) => Some(

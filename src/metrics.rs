@@ -21,6 +21,17 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())?;
     describe();
     gauge!("portcullis_build_info", "version" => crate::VERSION).set(1.0);
+    // SPEC §5: every counter whose labels are known at startup exists from the first scrape, so
+    // an `increase()` alert fires on the first failed reload too.
+    for result in ["ok", "failed"] {
+        counter!("portcullis_config_reloads_total", "result" => result).absolute(0);
+    }
+    for reason in AUTH_FAILURES {
+        counter!("portcullis_auth_failures_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["per_ip"] {
+        counter!("portcullis_connections_refused_total", "reason" => reason).absolute(0);
+    }
     // Histograms are aggregated lazily; keep memory flat between scrapes.
     let h = handle.clone();
     tokio::spawn(async move {
@@ -58,6 +69,10 @@ fn describe() {
     );
     describe_gauge!("portcullis_build_info", "Build information");
     describe_counter!(
+        "portcullis_connections_refused_total",
+        "Client connections closed at accept, by reason (per_ip)"
+    );
+    describe_counter!(
         "portcullis_llm_tokens_total",
         "Tokens reported by upstreams, by route, key, model and kind"
     );
@@ -79,18 +94,68 @@ pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
         .record(duration.as_secs_f64());
 }
 
+/// Every `outcome` a request record can carry (SPEC §4): `forwarded`, the error codes of §3.3 and
+/// §7, and the two endings of a request whose client left or stalled.
+pub const OUTCOMES: [&str; 22] = [
+    "forwarded",
+    "client_closed",
+    "client_stalled",
+    "missing_api_key",
+    "invalid_api_key",
+    "expired_api_key",
+    "invalid_token",
+    "key_not_allowed",
+    "model_not_allowed",
+    "ip_denied",
+    "origin_not_allowed",
+    "locked_out",
+    "rate_limited",
+    "budget_exceeded",
+    "payload_too_large",
+    "request_timeout",
+    "no_route",
+    "method_not_allowed",
+    "bad_request",
+    "headers_too_large",
+    "upstream_timeout",
+    "upstream_unavailable",
+];
+
+/// The reasons of `portcullis_auth_failures_total`: the codes of a failed key check.
+pub const AUTH_FAILURES: [&str; 4] = [
+    "missing_api_key",
+    "invalid_api_key",
+    "expired_api_key",
+    "key_not_allowed",
+];
+
 /// A route's per-request series, registered once per config (not looked up by label on every
-/// request: that cost several allocations and a registry lookup each time).
+/// request: that cost several allocations and a registry lookup each time), every outcome at 0
+/// from the start (SPEC §5).
 pub struct RouteMetrics {
-    forwarded: metrics::Counter,
+    /// By the index of [`OUTCOMES`]; `overloaded` (a gateway-wide bound) last.
+    outcomes: Vec<metrics::Counter>,
     duration: metrics::Histogram,
     upstream: metrics::Histogram,
 }
 
 impl RouteMetrics {
     pub fn new(route: &str) -> RouteMetrics {
+        let outcomes = OUTCOMES
+            .iter()
+            .chain(&["overloaded"])
+            .map(|o| {
+                let c = counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => *o);
+                c.increment(0);
+                c
+            })
+            .collect();
+        for scope in ["ip", "key"] {
+            counter!("portcullis_rate_limited_total", "route" => route.to_owned(), "scope" => scope)
+                .increment(0);
+        }
         RouteMetrics {
-            forwarded: counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => "forwarded"),
+            outcomes,
             duration: histogram!("portcullis_request_duration_seconds", "route" => route.to_owned()),
             upstream: histogram!("portcullis_upstream_duration_seconds", "route" => route.to_owned()),
         }
@@ -98,11 +163,14 @@ impl RouteMetrics {
 
     /// [`request`] for this route.
     pub fn request(&self, route: &str, outcome: &'static str, duration: Duration) {
-        if outcome == "forwarded" {
-            self.forwarded.increment(1);
-        } else {
-            counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => outcome)
-                .increment(1);
+        let known = OUTCOMES
+            .iter()
+            .chain(&["overloaded"])
+            .position(|o| *o == outcome);
+        match known.and_then(|i| self.outcomes.get(i)) {
+            Some(c) => c.increment(1),
+            None => counter!("portcullis_requests_total", "route" => route.to_owned(), "outcome" => outcome)
+                .increment(1),
         }
         self.duration.record(duration.as_secs_f64());
     }
@@ -133,6 +201,11 @@ pub fn rate_limited(route: &str, scope: &'static str) {
 
 pub fn auth_failure(reason: &'static str) {
     counter!("portcullis_auth_failures_total", "reason" => reason).increment(1);
+}
+
+/// A client connection closed at accept (`per_ip`: `limits.max_connections_per_ip`).
+pub fn connection_refused(reason: &'static str) {
+    counter!("portcullis_connections_refused_total", "reason" => reason).increment(1);
 }
 
 pub fn reload(result: &'static str) {

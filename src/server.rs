@@ -94,6 +94,9 @@ pub struct ConnState {
     inflight: AtomicUsize,
     requests: AtomicUsize,
     last_active_ms: AtomicU64,
+    /// Woken by the first request, so that the idle timer is armed then (an idle_timeout shorter
+    /// than header_timeout must not wait for the first-head deadline to go by first).
+    first_request: tokio::sync::Notify,
 }
 
 impl ConnState {
@@ -105,6 +108,7 @@ impl ConnState {
             inflight: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
+            first_request: tokio::sync::Notify::new(),
         }
     }
 
@@ -134,7 +138,9 @@ pub struct Active(Arc<ConnState>);
 impl Active {
     fn new(conn: &Arc<ConnState>) -> Active {
         conn.inflight.fetch_add(1, Ordering::Relaxed);
-        conn.requests.fetch_add(1, Ordering::Relaxed);
+        if conn.requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            conn.first_request.notify_one();
+        }
         conn.stamp();
         Active(conn.clone())
     }
@@ -279,6 +285,8 @@ where
                     closing = true;
                 }
             }
+            // The first request came: go round again with the idle timer armed.
+            () = state.first_request.notified(), if !got_request => {}
             _ = serve.shutdown.cancelled(), if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;

@@ -11,7 +11,7 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
     let up = upstream().await;
     let config = format!(
         "{}[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"${{ADMIN_TOKEN}}\"\n{}\
-         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nper_ip = \"2/min\"\n",
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nper_ip = \"3/min\"\n",
         server_section(""),
         key_block("phone", KEY, ""),
         up.url()
@@ -48,17 +48,42 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
         .unwrap();
     assert_eq!(r.status(), 401);
 
-    // Traffic: two forwarded, one rate limited, one auth failure; then a reload.
+    // SPEC §5: counters whose labels are known at startup are there at 0 before any traffic.
+    let text = c
+        .get(format!("{admin}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "portcullis_config_reloads_total{result=\"ok\"} 0",
+        "portcullis_config_reloads_total{result=\"failed\"} 0",
+        "portcullis_auth_failures_total{reason=\"missing_api_key\"} 0",
+        "portcullis_auth_failures_total{reason=\"expired_api_key\"} 0",
+        "portcullis_requests_total{route=\"bridge\",outcome=\"forwarded\"} 0",
+        "portcullis_requests_total{route=\"bridge\",outcome=\"client_closed\"} 0",
+        "portcullis_requests_total{route=\"bridge\",outcome=\"upstream_timeout\"} 0",
+        "portcullis_rate_limited_total{route=\"bridge\",scope=\"key\"} 0",
+        "portcullis_connections_refused_total{reason=\"per_ip\"} 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+
+    // Traffic: one auth failure, two forwarded, one rate limited (per IP, before the key
+    // check); then a reload.
     let key = format!("Authorization: Bearer {KEY}");
-    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 200);
-    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 200);
-    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 429);
     assert_eq!(
         send(gw.addr, "GET", "/v1/a", &["Authorization: Bearer pcx_nope"])
             .await
             .0,
         401
     );
+    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 200);
+    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 200);
+    assert_eq!(send(gw.addr, "GET", "/v1/a", &[&key]).await.0, 429);
     assert_eq!(gw.reload().await["result"], "ok");
     gw.wait_requests(4).await;
 

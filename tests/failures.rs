@@ -228,6 +228,37 @@ async fn idle_http2_connection_is_closed_at_idle_timeout() {
 }
 
 #[tokio::test]
+async fn an_idle_timeout_shorter_than_header_timeout_is_honoured() {
+    let up = upstream().await;
+    let server = server_section("idle_timeout = \"1s\"")
+        .replace("header_timeout = \"2s\"", "header_timeout = \"8s\"");
+    let config = format!(
+        "{server}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /x HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .await
+        .unwrap();
+    // Read the keep-alive response, then wait for the gateway to close the idle connection.
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(7), s.read_to_end(&mut got)).await;
+    let took = start.elapsed();
+    assert!(
+        read.is_ok(),
+        "still open after 7 s: {}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    assert!(
+        took < Duration::from_secs(4),
+        "closed after {took:?}, not near idle_timeout (1 s)"
+    );
+}
+
+#[tokio::test]
 async fn websocket_tunnels_count_towards_max_connections() {
     let up = upstream().await;
     let ws = ws_echo_upstream().await;

@@ -118,4 +118,27 @@ async fn a_sqlite_file_that_is_not_a_ledger_stops_startup() {
         err.contains("other.db") && err.contains("not a portcullis usage ledger"),
         "{err}"
     );
+    // `check` says so too, for a foreign SQLite file and for a file that is not SQLite at all,
+    // and leaves both as they were.
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "just some text, not a database\n".repeat(200)).unwrap();
+    for (file, why) in [
+        (&db, "not a portcullis usage ledger"),
+        (&text, "not a SQLite database"),
+    ] {
+        let before = std::fs::read(file).unwrap();
+        let (code, _, err) = check(&config(&up, file), &[]);
+        assert_eq!(code, 1, "{}: {err}", file.display());
+        assert!(err.contains(why), "{err}");
+        assert_eq!(
+            std::fs::read(file).unwrap(),
+            before,
+            "check changed the file"
+        );
+    }
+    // A missing ledger is fine (run creates it), and check does not create it.
+    let missing = dir.path().join("new.db");
+    let (code, _, err) = check(&config(&up, &missing), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!missing.exists());
 }

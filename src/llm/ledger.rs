@@ -47,6 +47,52 @@ fn err(path: &Path, what: impl std::fmt::Display) -> String {
     format!("usage.database {}: {what}", path.display())
 }
 
+/// What an existing SQLite file is, as far as the ledger is concerned.
+enum Kind {
+    /// No tables and no application id: a new file, ready to be made a ledger.
+    Empty,
+    /// A ledger of this schema version, or an older one that can be upgraded.
+    Ledger(i64),
+}
+
+/// Reads what `conn` holds; `Err` when it is not SQLite, not a portcullis ledger, or from a
+/// newer portcullis.
+fn kind(conn: &Connection, path: &Path) -> Result<Kind, String> {
+    let app: i64 = conn
+        .query_row("PRAGMA application_id", [], |r| r.get(0))
+        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| err(path, e))?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
+    if app == 0 && tables == 0 {
+        Ok(Kind::Empty)
+    } else if app != APPLICATION_ID {
+        Err(err(path, "is not a portcullis usage ledger"))
+    } else if version > SCHEMA_VERSION {
+        Err(err(
+            path,
+            format!("was written by a newer portcullis (schema {version})"),
+        ))
+    } else {
+        Ok(Kind::Ledger(version))
+    }
+}
+
+/// What `portcullis check` verifies: an existing file at `path` is a ledger `run` would accept
+/// (opened read-only: nothing is created, migrated or locked). A missing file is fine; `run`
+/// creates it.
+pub fn verify(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| err(path, e))?;
+    kind(&conn, path).map(|_| ())
+}
+
 /// Opens (creating if missing) and checks the ledger at `path`.
 pub fn open(path: &Path) -> Result<Connection, String> {
     if !path.exists() {
@@ -60,42 +106,28 @@ pub fn open(path: &Path) -> Result<Connection, String> {
         o.open(path).map_err(|e| err(path, e))?;
     }
     let conn = Connection::open(path).map_err(|e| err(path, e))?;
-    let app: i64 = conn
-        .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| err(path, e))?;
-    let tables: i64 = conn
-        .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-        .map_err(|e| err(path, format!("not a SQLite database ({e})")))?;
-    if app == 0 && tables == 0 {
-        conn.execute_batch(&format!(
-            "PRAGMA application_id = {APPLICATION_ID};
-             PRAGMA user_version = {SCHEMA_VERSION};
-             CREATE TABLE usage (
-               ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
-               model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
-               usage_source TEXT NOT NULL, charged_tokens INTEGER, charged_cost REAL);
-             CREATE INDEX usage_ts ON usage (ts_ms);"
-        ))
-        .map_err(|e| err(path, e))?;
-    } else if app == APPLICATION_ID && version == 1 {
-        conn.execute_batch(&format!(
-            "BEGIN;
-             ALTER TABLE usage ADD COLUMN charged_tokens INTEGER;
-             ALTER TABLE usage ADD COLUMN charged_cost REAL;
-             PRAGMA user_version = {SCHEMA_VERSION};
-             COMMIT;"
-        ))
-        .map_err(|e| err(path, format!("upgrading the schema: {e}")))?;
-    } else if app != APPLICATION_ID {
-        return Err(err(path, "is not a portcullis usage ledger"));
-    } else if version > SCHEMA_VERSION {
-        return Err(err(
-            path,
-            format!("was written by a newer portcullis (schema {version})"),
-        ));
+    match kind(&conn, path)? {
+        Kind::Empty => conn
+            .execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID};
+                 PRAGMA user_version = {SCHEMA_VERSION};
+                 CREATE TABLE usage (
+                   ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
+                   model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
+                   usage_source TEXT NOT NULL, charged_tokens INTEGER, charged_cost REAL);
+                 CREATE INDEX usage_ts ON usage (ts_ms);"
+            ))
+            .map_err(|e| err(path, e))?,
+        Kind::Ledger(1) => conn
+            .execute_batch(&format!(
+                "BEGIN;
+                 ALTER TABLE usage ADD COLUMN charged_tokens INTEGER;
+                 ALTER TABLE usage ADD COLUMN charged_cost REAL;
+                 PRAGMA user_version = {SCHEMA_VERSION};
+                 COMMIT;"
+            ))
+            .map_err(|e| err(path, format!("upgrading the schema: {e}")))?,
+        Kind::Ledger(_) => {}
     }
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(|e| err(path, e))?;
