@@ -29,9 +29,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     for reason in AUTH_FAILURES {
         counter!("portcullis_auth_failures_total", "reason" => reason).absolute(0);
     }
-    for reason in ["per_ip"] {
-        counter!("portcullis_connections_refused_total", "reason" => reason).absolute(0);
-    }
+    counter!("portcullis_connections_refused_total", "reason" => "per_ip").absolute(0);
     // Histograms are aggregated lazily; keep memory flat between scrapes.
     let h = handle.clone();
     tokio::spawn(async move {
