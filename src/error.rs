@@ -20,9 +20,15 @@ pub enum GatewayError {
     ModelNotAllowed,
     IpDenied,
     OriginNotAllowed,
-    LockedOut { retry_after: Duration },
-    RateLimited { retry_after: Duration },
-    BudgetExceeded { retry_after: Duration },
+    LockedOut {
+        retry_after: Duration,
+    },
+    RateLimited {
+        retry_after: Duration,
+    },
+    BudgetExceeded {
+        retry_after: Duration,
+    },
     PayloadTooLarge,
     RequestTimeout,
     NoRoute,
@@ -31,6 +37,8 @@ pub enum GatewayError {
     HeadersTooLarge,
     UpstreamTimeout,
     UpstreamUnavailable,
+    /// A gateway-wide bound is reached (`limits.max_buffered_bytes`).
+    Overloaded,
 }
 
 impl GatewayError {
@@ -50,6 +58,7 @@ impl GatewayError {
             HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -75,6 +84,7 @@ impl GatewayError {
             HeadersTooLarge => "headers_too_large",
             UpstreamTimeout => "upstream_timeout",
             UpstreamUnavailable => "upstream_unavailable",
+            Overloaded => "overloaded",
         }
     }
 
@@ -103,6 +113,7 @@ impl GatewayError {
             HeadersTooLarge => "The request headers are too large.",
             UpstreamTimeout => "The upstream service did not answer in time.",
             UpstreamUnavailable => "The upstream service is unavailable.",
+            Overloaded => "The gateway is busy; try again in a moment.",
         }
     }
 
@@ -138,6 +149,9 @@ impl GatewayError {
             // Connection-level failures of the request itself: do not keep the connection.
             BadRequest | HeadersTooLarge | RequestTimeout | PayloadTooLarge => {
                 h.insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Overloaded => {
+                h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             KeyNotAllowed | ModelNotAllowed | IpDenied | OriginNotAllowed | NoRoute
             | MethodNotAllowed | UpstreamTimeout | UpstreamUnavailable => {}
@@ -179,6 +193,7 @@ mod tests {
             (HeadersTooLarge, 431, "headers_too_large"),
             (UpstreamTimeout, 504, "upstream_timeout"),
             (UpstreamUnavailable, 502, "upstream_unavailable"),
+            (Overloaded, 503, "overloaded"),
         ];
         for &(e, status, code) in rows {
             assert_eq!(e.status().as_u16(), status, "{code}");

@@ -24,6 +24,9 @@ pub struct Live {
     pub default_key: Option<Arc<Limiter>>,
     /// Each route's request series (by `Route::index`).
     pub route_metrics: Vec<Arc<crate::metrics::RouteMetrics>>,
+    /// `limits.max_buffered_bytes`, one permit a byte: what `llm` request bodies held in memory
+    /// may take together. A reload starts a new pool (bodies in flight keep their old permits).
+    pub buffered: Arc<tokio::sync::Semaphore>,
 }
 
 impl Live {
@@ -73,6 +76,9 @@ impl Live {
         registry.retain(&used);
         registry.store().resize(config.limits.max_tracked_clients);
         Live {
+            buffered: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_buffered_bytes as usize,
+            )),
             route_metrics: config
                 .routes
                 .iter()

@@ -118,3 +118,68 @@ async fn a_body_slower_than_the_route_timeout_is_408_not_504() {
         "{r}"
     );
 }
+
+/// A chat request of about `n` bytes: a JSON body padded with a long message.
+fn chat_of(n: usize) -> String {
+    let pad = "x".repeat(n.saturating_sub(40));
+    format!("{{\"model\":\"m\",\"messages\":[{{\"content\":\"{pad}\"}}]}}")
+}
+
+#[tokio::test]
+async fn bodies_held_in_memory_are_bounded_gateway_wide_then_recover() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[limits]\nmax_buffered_bytes = \"1KiB\"\n\
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nauth = \"none\"\nllm = true\n",
+        server_section(""),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let url = gw.url("/v1/chat/completions");
+    // The first body (700 bytes) is held until the upstream answers; the upstream holds it.
+    let first = tokio::spawn(
+        client()
+            .post(format!("{url}?hold=1"))
+            .body(chat_of(700))
+            .send(),
+    );
+    let mut held = up.gate.watch_held();
+    tokio::time::timeout(WAIT, held.wait_for(|n| *n == 1))
+        .await
+        .unwrap()
+        .unwrap();
+    // A second one, declared or chunked, would pass 1 KiB: 503 overloaded, nothing forwarded.
+    let declared = client().post(&url).body(chat_of(700)).send().await.unwrap();
+    let chunks = futures_util::stream::iter(
+        chat_of(700)
+            .into_bytes()
+            .chunks(100)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let chunked = client()
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    for r in [declared, chunked] {
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "overloaded");
+    }
+    assert_eq!(up.seen().len(), 1, "an overloaded request was forwarded");
+    // The first finishes, its share is released, and the same request now passes.
+    up.gate.open();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    let again = client().post(&url).body(chat_of(700)).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    let recs = gw.wait_requests(4).await;
+    let outcomes: Vec<&str> = recs.iter().filter_map(|r| r["outcome"].as_str()).collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| **o == "overloaded").count(),
+        2,
+        "{outcomes:?}"
+    );
+}

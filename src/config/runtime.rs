@@ -145,6 +145,10 @@ pub struct Limits {
     pub per_ip: Rate,
     pub per_key: Rate,
     pub max_tracked_clients: usize,
+    /// Open client connections of one address (IPv6: its /64).
+    pub max_connections_per_ip: usize,
+    /// Request bodies held in memory at once, gateway-wide (`llm` routes).
+    pub max_buffered_bytes: u64,
 }
 
 /// A client API key as the gateway stores it: its SHA-256 digest, never the key.
@@ -565,10 +569,25 @@ impl Config {
         if raw.limits.max_tracked_clients == 0 {
             return Err(invalid("limits.max_tracked_clients", "must be at least 1"));
         }
+        if raw.limits.max_connections_per_ip == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_ip",
+                "must be at least 1",
+            ));
+        }
+        // tokio's semaphore counts at most usize::MAX >> 3 permits (one per byte here).
+        if raw.limits.max_buffered_bytes.0 == 0 || raw.limits.max_buffered_bytes.0 > 1 << 40 {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                "must be between 1 byte and 1TiB",
+            ));
+        }
         let limits = Limits {
             per_ip: raw.limits.per_ip,
             per_key: raw.limits.per_key,
             max_tracked_clients: raw.limits.max_tracked_clients as usize,
+            max_connections_per_ip: raw.limits.max_connections_per_ip as usize,
+            max_buffered_bytes: raw.limits.max_buffered_bytes.0,
         };
 
         let mut routes = Vec::new();

@@ -201,6 +201,8 @@ pub struct RawLimits {
     pub per_ip: Rate,
     pub per_key: Rate,
     pub max_tracked_clients: u32,
+    pub max_connections_per_ip: u32,
+    pub max_buffered_bytes: ByteSize,
 }
 
 impl Default for RawLimits {
@@ -210,6 +212,8 @@ impl Default for RawLimits {
             per_ip: per_min(600),
             per_key: per_min(600),
             max_tracked_clients: 100_000,
+            max_connections_per_ip: 128,
+            max_buffered_bytes: ByteSize(64 << 20),
         }
     }
 }

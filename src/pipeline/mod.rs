@@ -26,7 +26,6 @@ pub mod record;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -99,6 +98,9 @@ struct Ctx {
     cors_origin: Option<HeaderValue>,
     /// Keeps the connection counted as busy until the response ends.
     active: Option<Active>,
+    /// The share of `limits.max_buffered_bytes` the request's body holds while it is in
+    /// memory: until the upstream has answered, or the request ended.
+    buffered: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The request's audit record and charge, written once however it ends.
     record: Record,
 }
@@ -167,6 +169,7 @@ pub async fn handle(
         rate: None,
         cors_origin: None,
         active: Some(active),
+        buffered: None,
         record,
     };
 
@@ -365,13 +368,7 @@ async fn meter_request(
         return Ok(req.map(ClientBody::Streaming));
     }
     let (mut parts, incoming) = req.into_parts();
-    let bytes = read_body(
-        incoming,
-        route,
-        cfg.server.stream_idle_timeout,
-        &ctx.record.bytes_in,
-    )
-    .await?;
+    let bytes = read_body(incoming, route, live, ctx).await?;
     let meter = ctx.record.meter.get_or_insert_with(|| Meter::new(None));
     let Some(parsed) = crate::llm::request::parse(&bytes) else {
         if allowed.is_some() || budgeted {
@@ -461,26 +458,58 @@ enum ClientBody {
     Buffered(bytes::Bytes),
 }
 
-/// Reads a whole request body, within the route's cap and timeout.
+/// Reads a whole request body, within the route's cap and timeout, and within
+/// `limits.max_buffered_bytes` (SPEC §3.4 "Buffered bodies"): every byte held takes a permit
+/// first, up front for a declared length, frame by frame for a chunked body; past the bound the
+/// request is 503 `overloaded`, nothing forwarded. The permits stay in `ctx` until the request's
+/// answer is ready (the body is held until the upstream has read it).
 async fn read_body(
     incoming: Incoming,
     route: &Route,
-    idle: std::time::Duration,
-    bytes_in: &Arc<AtomicU64>,
+    live: &Live,
+    ctx: &mut Ctx,
 ) -> Result<bytes::Bytes, GatewayError> {
     use http_body_util::BodyExt;
-    let body = Streamed::new(
+    let take = |ctx: &mut Ctx, n: u64| -> Result<(), GatewayError> {
+        let n = u32::try_from(n).map_err(|_| GatewayError::Overloaded)?;
+        let permit = live
+            .buffered
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| GatewayError::Overloaded)?;
+        match &mut ctx.buffered {
+            Some(held) => held.merge(permit),
+            None => ctx.buffered = Some(permit),
+        }
+        Ok(())
+    };
+    let declared = http_body::Body::size_hint(&incoming).exact();
+    if let Some(len) = declared {
+        take(ctx, len)?;
+    }
+    let mut body = Streamed::new(
         incoming.map_err(body::ClientBodyError),
-        idle,
-        bytes_in.clone(),
+        live.config.server.stream_idle_timeout,
+        ctx.record.bytes_in.clone(),
         route.max_body,
         None,
     );
-    match tokio::time::timeout(route.timeout, body.collect()).await {
-        Err(_) => Err(GatewayError::RequestTimeout),
-        Ok(Err(e)) => Err(crate::proxy::classify(&*e)),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-    }
+    let read = async {
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| crate::proxy::classify(&*e))?;
+            if let Ok(data) = frame.into_data() {
+                if declared.is_none() {
+                    take(ctx, data.len() as u64)?;
+                }
+                buf.extend_from_slice(&data);
+            }
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(route.timeout, read)
+        .await
+        .unwrap_or(Err(GatewayError::RequestTimeout))
 }
 
 /// Applies one limiter; remembers the tightest one for the `RateLimit` headers.
