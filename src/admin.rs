@@ -88,15 +88,34 @@ fn handle(admin: &Admin, req: &Request<Incoming>) -> Response<ResponseBody> {
     }
 }
 
+/// SPEC §3.4 "Connections per client": the admin listener serves at most this many connections
+/// at once; more wait in the kernel's backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serves the admin listener until `shutdown`.
 pub async fn serve(admin: Arc<Admin>, listener: TcpListener, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // A slot before accepting: a flood of scrapers or idle connections cannot make the
+        // listener (or the process) hold more than MAX_CONNECTIONS of them.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+            _ = shutdown.cancelled() => return,
+        };
         let (stream, _peer): (_, SocketAddr) = tokio::select! {
-            r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    // EMFILE and friends: back off rather than spin.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
             _ = shutdown.cancelled() => return,
         };
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let resp = handle(&admin, &req);
                 async move { Ok::<_, Infallible>(resp) }

@@ -91,6 +91,7 @@ fn build_serve(
             cut: CancellationToken::new(),
         }),
         tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
+        per_ip: Arc::default(),
         shutdown,
         connections: TaskTracker::new(),
     });
@@ -172,6 +173,15 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let audit = Audit::start(&cfg.audit)
         .await
         .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
+    if let Some(a) = &cfg.admin
+        && a.token.is_none()
+        && !a.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %a.listen,
+            "admin.listen is beyond loopback without admin.token: anyone who reaches it can read /metrics"
+        );
+    }
     if cfg.server.allow_plaintext_public && cfg.tls.is_none() {
         tracing::warn!(
             "server.allow_plaintext_public: API keys will cross the network in clear text"

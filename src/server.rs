@@ -79,10 +79,54 @@ pub fn builder(s: &Server) -> auto::Builder<TokioExecutor> {
 
 pub struct Serve {
     pub shared: Arc<Shared>,
+    /// Open connections by client address (IPv6 by /64), for `limits.max_connections_per_ip`.
+    pub per_ip: Arc<PerIp>,
     pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
     pub shutdown: CancellationToken,
     pub connections: TaskTracker,
     pub semaphore: Arc<Semaphore>,
+}
+
+/// Open connections per client address (SPEC §3.4 "Connections per client"). Written by hand:
+/// a count per key that must go down when a connection ends, which no limiter crate keeps (a
+/// rate limiter meters arrivals, not what is open).
+#[derive(Default)]
+pub struct PerIp {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One counted connection; uncounted when dropped.
+pub struct IpSlot {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    /// Counts a new connection from `ip`, or refuses it when `ip` already has `max` open.
+    pub fn enter(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// One client connection's shared state. Requests (and WebSocket tunnels) hold an [`Active`]
@@ -90,6 +134,8 @@ pub struct Serve {
 /// it opened are gone, so tunnels cannot escape `max_connections`.
 pub struct ConnState {
     _permit: OwnedSemaphorePermit,
+    /// The connection's place in its address's count (none for trusted proxies).
+    _ip_slot: Option<IpSlot>,
     epoch: Instant,
     inflight: AtomicUsize,
     requests: AtomicUsize,
@@ -97,24 +143,45 @@ pub struct ConnState {
     /// Woken by the first request, so that the idle timer is armed then (an idle_timeout shorter
     /// than header_timeout must not wait for the first-head deadline to go by first).
     first_request: tokio::sync::Notify,
+    /// The send clocks of the connection's responses (see [`SendClock`]); dead ones are pruned
+    /// when the watchdog looks.
+    sending: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
+    /// Set when the watchdog cut the connection for a client that stopped reading.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 impl ConnState {
-    fn new(permit: OwnedSemaphorePermit) -> ConnState {
+    fn new(permit: OwnedSemaphorePermit, ip_slot: Option<IpSlot>) -> ConnState {
         crate::metrics::connection_opened();
         ConnState {
             _permit: permit,
+            _ip_slot: ip_slot,
             epoch: Instant::now(),
             inflight: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(0),
             first_request: tokio::sync::Notify::new(),
+            sending: std::sync::Mutex::default(),
+            stalled: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
     fn stamp(&self) {
         self.last_active_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// True when a response has waited on the client for `send_timeout` (SPEC §3.4 "Slow
+    /// readers"): the client has not taken a byte of it for that long.
+    fn stalled_for(&self, send_timeout: Duration) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        let limit = send_timeout.as_millis() as u64;
+        let mut sending = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        sending.retain(|w| w.strong_count() > 0);
+        sending.iter().filter_map(|w| w.upgrade()).any(|c| {
+            let since = c.load(Ordering::Relaxed);
+            since != 0 && now.saturating_sub(since) >= limit
+        })
     }
 
     /// When the connection, if still idle then, should be closed.
@@ -146,6 +213,27 @@ impl Active {
     }
 }
 
+impl Active {
+    /// A send clock for one response of this connection, watched by its watchdog.
+    pub fn send_clock(&self) -> crate::proxy::body::SendClock {
+        let c = Arc::new(AtomicU64::new(0));
+        self.0
+            .sending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&c));
+        crate::proxy::body::SendClock {
+            pending_since: c,
+            epoch: self.0.epoch,
+        }
+    }
+
+    /// The connection was cut because its client stopped reading.
+    pub fn stalled(&self) -> bool {
+        self.0.stalled.load(Ordering::Relaxed)
+    }
+}
+
 impl Drop for Active {
     fn drop(&mut self) {
         self.0.stamp();
@@ -174,10 +262,20 @@ pub async fn accept_loop(serve: Arc<Serve>, listener: TcpListener) {
             },
             _ = serve.shutdown.cancelled() => return,
         };
+        let Ok(ip_slot) = count_peer(&serve, peer) else {
+            // Closed at accept: dropping the stream closes it, the permit frees the slot.
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let serve2 = serve.clone();
         serve.connections.spawn(async move {
-            connection(serve2, stream, peer, Arc::new(ConnState::new(permit))).await;
+            connection(
+                serve2,
+                stream,
+                peer,
+                Arc::new(ConnState::new(permit, ip_slot)),
+            )
+            .await;
         });
     }
 }
@@ -195,12 +293,35 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let permit = serve.semaphore.clone().try_acquire_owned().ok()?;
+    let ip_slot = count_peer(&serve, peer).ok()?;
     Some(connection(
         serve,
         stream,
         peer,
-        Arc::new(ConnState::new(permit)),
+        Arc::new(ConnState::new(permit, ip_slot)),
     ))
+}
+
+/// `limits.max_connections_per_ip` for a new connection from `peer`: its slot, none for a trusted
+/// proxy (every client behind it shares its address; their requests are limited per client IP),
+/// or `Err` when the address has its maximum open already (counted in metrics).
+fn count_peer(serve: &Serve, peer: SocketAddr) -> Result<Option<IpSlot>, ()> {
+    let live = serve.shared.live.load();
+    let ip = crate::client_ip::canonical(peer.ip());
+    if crate::client_ip::is_trusted(ip, &live.config.server.trusted_proxies) {
+        return Ok(None);
+    }
+    match serve.per_ip.enter(
+        crate::client_ip::limit_key(ip),
+        live.config.limits.max_connections_per_ip,
+    ) {
+        Some(slot) => Ok(Some(slot)),
+        None => {
+            crate::metrics::connection_refused("per_ip");
+            tracing::debug!(%peer, "too many connections from this address; closed at accept");
+            Err(())
+        }
+    }
 }
 
 async fn connection<S>(serve: Arc<Serve>, stream: S, peer: SocketAddr, state: Arc<ConnState>)
@@ -211,10 +332,14 @@ where
     let cfg = &live.config;
     // One clock from accept: the TLS handshake and the first request head share header_timeout.
     let first_head_deadline = Instant::now() + cfg.server.header_timeout;
-    let idle = cfg.server.idle_timeout;
+    let timers = Timers {
+        first_head: first_head_deadline,
+        idle: cfg.server.idle_timeout,
+        send: cfg.server.send_timeout,
+    };
     let builder = builder(&cfg.server);
     drop(live);
-    let io_args = (peer, builder, first_head_deadline, idle, state);
+    let io_args = (peer, builder, timers, state);
     match &serve.tls {
         None => serve_io(serve.clone(), TokioIo::new(stream), false, io_args).await,
         Some(tls) => {
@@ -228,11 +353,17 @@ where
     }
 }
 
+/// A connection's deadlines, fixed at accept.
+struct Timers {
+    first_head: Instant,
+    idle: Duration,
+    send: Duration,
+}
+
 type IoArgs = (
     SocketAddr,
     auto::Builder<TokioExecutor>,
-    Instant,
-    Duration,
+    Timers,
     Arc<ConnState>,
 );
 
@@ -240,7 +371,8 @@ async fn serve_io<I>(serve: Arc<Serve>, io: I, tls: bool, args: IoArgs)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (peer, builder, first_head_deadline, idle, state) = args;
+    let (peer, builder, timers, state) = args;
+    let (first_head_deadline, idle) = (timers.first_head, timers.idle);
     let info = ConnInfo { peer, tls };
     let shared = serve.shared.clone();
     let st = state.clone();
@@ -259,6 +391,11 @@ where
     let conn = builder.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut closing = false;
+    // The slow-reader watchdog looks twice per send_timeout while the connection has served.
+    let check_every = (timers.send / 2).max(Duration::from_millis(100));
+    let mut next_check = Instant::now() + check_every;
+    // An idle close that cannot finish (the client does not read the last bytes) is forced.
+    let mut close_by: Option<Instant> = None;
     loop {
         let got_request = state.requests.load(Ordering::Relaxed) > 0;
         tokio::select! {
@@ -283,7 +420,23 @@ where
                     tracing::debug!(%peer, "connection idle; closing");
                     conn.as_mut().graceful_shutdown();
                     closing = true;
+                    close_by = Some(Instant::now() + timers.send);
                 }
+            }
+            // SPEC §3.4 "Slow readers": a response the client has not taken a byte of for
+            // send_timeout (a full socket buffer, an HTTP/2 window kept at zero) is abandoned with
+            // its connection, and the upstream exchange with it; the records say client_stalled.
+            _ = tokio::time::sleep_until(next_check), if got_request => {
+                next_check = Instant::now() + check_every;
+                if state.stalled_for(timers.send) {
+                    tracing::debug!(%peer, "client took nothing for send_timeout; closing");
+                    state.stalled.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            _ = tokio::time::sleep_until(close_by.unwrap_or(first_head_deadline)), if close_by.is_some() => {
+                tracing::debug!(%peer, "idle close not finished within send_timeout; cutting");
+                return;
             }
             // The first request came: go round again with the idle timer armed.
             () = state.first_request.notified(), if !got_request => {}

@@ -87,6 +87,8 @@ pub struct Server {
     pub request_timeout: Duration,
     pub stream_idle_timeout: Duration,
     pub idle_timeout: Duration,
+    /// A response that cannot hand a byte to the client this long is abandoned.
+    pub send_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
     pub max_header_bytes: usize,
@@ -406,6 +408,7 @@ impl Config {
             ("request_timeout", s.request_timeout.0),
             ("stream_idle_timeout", s.stream_idle_timeout.0),
             ("idle_timeout", s.idle_timeout.0),
+            ("send_timeout", s.send_timeout.0),
         ] {
             if d.is_zero() {
                 return Err(invalid(format!("server.{name}"), "must be greater than 0"));
@@ -450,6 +453,7 @@ impl Config {
             request_timeout: s.request_timeout.0,
             stream_idle_timeout: s.stream_idle_timeout.0,
             idle_timeout: s.idle_timeout.0,
+            send_timeout: s.send_timeout.0,
             shutdown_grace: s.shutdown_grace.0,
             max_connections: s.max_connections as usize,
             max_header_bytes: s.max_header_bytes.0 as usize,

@@ -977,6 +977,16 @@ struct Guard {
     _active: Option<Active>,
 }
 
+impl Drop for Guard {
+    /// Dropped without an ending: the client went away — or, when the watchdog cut the
+    /// connection, stopped reading (a record already written is not written again).
+    fn drop(&mut self) {
+        if self._active.as_ref().is_some_and(Active::stalled) {
+            self.record.end(Ending::ClientStalled);
+        }
+    }
+}
+
 impl OnEnd for Guard {
     fn ended(mut self: Box<Self>, how: Ended) {
         self.record.end(match how {
@@ -1053,13 +1063,19 @@ fn finish(
         return Response::from_parts(parts, body);
     }
     let out = record.bytes_out.clone();
+    let clock = ctx.active.as_ref().map(Active::send_clock);
     // The connection counts as busy (for idle_timeout) until this response body has ended.
     let guard = Box::new(Guard {
         record,
         _active: ctx.active.take(),
     });
     let idle = live.config.server.stream_idle_timeout;
-    let body = Streamed::new(body, idle, out, u64::MAX, Some(guard));
+    let mut body = Streamed::new(body, idle, out, u64::MAX, Some(guard));
+    if let Some(clock) = clock
+        && !bodiless
+    {
+        body = body.send_clock(clock);
+    }
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 

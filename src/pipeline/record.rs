@@ -12,6 +12,7 @@
 //! | the client went away first (the request future or the body dropped) | `client_closed` | as sent, 499 if nothing was |
 //! | the upstream cut the body mid-way | `upstream_unavailable` | as sent |
 //! | the body went silent for `stream_idle_timeout` | `upstream_timeout` | as sent |
+//! | the client took no byte for `send_timeout` | `client_stalled` | as sent |
 //! | cut when `shutdown_grace` ran out | `overloaded` | as sent, 503 if nothing was |
 //!
 //! Dropped without an explicit ending, a record writes itself as `client_closed`: that is what
@@ -76,6 +77,8 @@ pub enum Ending {
     ClientGone,
     UpstreamCut,
     UpstreamIdle,
+    /// The client stopped reading for `send_timeout` (SPEC §3.4 "Slow readers").
+    ClientStalled,
 }
 
 /// One request's record and charge, written once (see the module doc).
@@ -197,6 +200,7 @@ impl Record {
             Ending::ClientGone => ("client_closed", 499),
             Ending::UpstreamCut => ("upstream_unavailable", 502),
             Ending::UpstreamIdle => ("upstream_timeout", 504),
+            Ending::ClientStalled => ("client_stalled", 499),
         };
         let f = &mut self.fields;
         f.outcome = outcome;

@@ -92,6 +92,28 @@ pub fn find_body_error(err: &(dyn StdError + 'static)) -> Option<Cause> {
     None
 }
 
+/// Whether the HTTP layer is keeping up with a response (SPEC §3.4 "Slow readers"): set when the
+/// layer was handed something (the head, a frame) it has not come back for, cleared when it asks
+/// for more. hyper asks a body for its next frame only once it could write the last one (HTTP/1.1:
+/// the socket took it; HTTP/2: the client's window allowed it), so a mark that stays set for
+/// `send_timeout` is a client that stopped reading. The connection's watchdog reads the mark.
+pub struct SendClock {
+    /// Milliseconds since `epoch` when the mark was set, plus one; 0 when clear.
+    pub pending_since: Arc<AtomicU64>,
+    pub epoch: Instant,
+}
+
+impl SendClock {
+    fn handed(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.pending_since.store(ms, Ordering::Relaxed);
+    }
+
+    fn polled(&self) {
+        self.pending_since.store(0, Ordering::Relaxed);
+    }
+}
+
 /// How a [`Streamed`] body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -119,6 +141,7 @@ pin_project_lite::pin_project! {
         guard: Option<Box<dyn OnEnd>>,
         done: bool,
         finished: Option<Arc<AtomicBool>>,
+        clock: Option<SendClock>,
     }
 }
 
@@ -140,7 +163,15 @@ impl<B> Streamed<B> {
             guard,
             done: false,
             finished: None,
+            clock: None,
         }
+    }
+
+    /// Marks the response as handed to the HTTP layer now, and keeps `clock` as the body is read.
+    pub fn send_clock(mut self, clock: SendClock) -> Self {
+        clock.handed();
+        self.clock = Some(clock);
+        self
     }
 
     /// Sets `flag` once the body has been read to its end (a request body that never finishes
@@ -170,6 +201,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
+        if let Some(c) = this.clock {
+            c.polled();
+        }
         if *this.done {
             return Poll::Ready(None);
         }
@@ -194,6 +228,8 @@ where
                         f.store(true, Ordering::Relaxed);
                     }
                     end(this.guard, Ended::Complete);
+                } else if let Some(c) = this.clock {
+                    c.handed();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
