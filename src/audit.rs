@@ -12,9 +12,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::runtime::AuditOutput;
-
-const QUEUE: usize = 16 * 1024;
+use crate::config::runtime::{AuditOutput, AuditSettings};
 
 enum Msg {
     Line(Vec<u8>),
@@ -34,8 +32,8 @@ pub fn now_rfc3339() -> String {
 
 impl Audit {
     /// Opens the output and starts the writer task.
-    pub async fn start(output: &AuditOutput) -> std::io::Result<Audit> {
-        let (tx, rx) = mpsc::channel(QUEUE);
+    pub async fn start(settings: &AuditSettings) -> std::io::Result<Audit> {
+        let (tx, rx) = mpsc::channel(settings.queue);
         // A thread of its own rather than a task: tokio's file and stdout handles hop to the
         // blocking pool on every write, which cost a thread switch per flush on the request path's
         // core (measured: about a third of the gateway's throughput).
@@ -45,7 +43,7 @@ impl Audit {
                 .spawn(move || writer(f, rx))
                 .map(|_| ())
         };
-        match output {
+        match &settings.output {
             AuditOutput::Stdout => spawn(Box::new(std::io::stdout()))?,
             AuditOutput::File(path) => spawn(Box::new(open_append(path)?))?,
         }
@@ -99,10 +97,13 @@ impl Audit {
     /// behind). Nothing is held afterwards: a request takes its place in the queue only when its
     /// record is ready (SPEC §3.4 "Slow readers"), so a client that stalls, or an upstream that
     /// never answers, cannot pin a queue slot for its whole life.
-    pub async fn wait_for_room(&self) {
-        if self.tx.capacity() == 0 {
-            drop(self.tx.reserve().await);
+    /// True when it had to wait.
+    pub async fn wait_for_room(&self) -> bool {
+        if self.tx.capacity() > 0 {
+            return false;
         }
+        drop(self.tx.reserve().await);
+        true
     }
 
     /// Waits until everything queued so far is written, overflow included.

@@ -30,6 +30,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         counter!("portcullis_auth_failures_total", "reason" => reason).absolute(0);
     }
     counter!("portcullis_connections_refused_total", "reason" => "per_ip").absolute(0);
+    counter!("portcullis_audit_waits_total").absolute(0);
     // Histograms are aggregated lazily; keep memory flat between scrapes.
     let h = handle.clone();
     tokio::spawn(async move {
@@ -66,6 +67,10 @@ fn describe() {
         "Config reloads by result"
     );
     describe_gauge!("portcullis_build_info", "Build information");
+    describe_counter!(
+        "portcullis_audit_waits_total",
+        "Requests that waited for room in a full audit queue"
+    );
     describe_counter!(
         "portcullis_connections_refused_total",
         "Client connections closed at accept, by reason (per_ip)"
@@ -201,6 +206,11 @@ pub fn auth_failure(reason: &'static str) {
 /// A client connection closed at accept (`per_ip`: `limits.max_connections_per_ip`).
 pub fn connection_refused(reason: &'static str) {
     counter!("portcullis_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// A request waited for room in a full audit queue (the audit output is slower than traffic).
+pub fn audit_backpressure() {
+    counter!("portcullis_audit_waits_total").increment(1);
 }
 
 pub fn reload(result: &'static str) {

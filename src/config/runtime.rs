@@ -27,7 +27,7 @@ pub struct Config {
     pub server: Server,
     pub tls: Option<TlsFiles>,
     pub admin: Option<Admin>,
-    pub audit: AuditOutput,
+    pub audit: AuditSettings,
     pub auth: Auth,
     pub cors: Option<Cors>,
     pub limits: Limits,
@@ -121,6 +121,14 @@ impl fmt::Debug for Admin {
 pub enum AuditOutput {
     Stdout,
     File(PathBuf),
+}
+
+/// `[audit]`: where records go, and how many may wait for the writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub output: AuditOutput,
+    /// Records queued for the writer at most; while it is full, new requests wait.
+    pub queue: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -486,9 +494,16 @@ impl Config {
         };
 
         let out = plain(&raw.audit.output, "audit.output", env)?;
-        let audit = match out.trim() {
+        let output = match out.trim() {
             "stdout" | "" => AuditOutput::Stdout,
             p => AuditOutput::File(PathBuf::from(p)),
+        };
+        if !(16..=1 << 20).contains(&raw.audit.queue) {
+            return Err(invalid("audit.queue", "must be between 16 and 1048576"));
+        }
+        let audit = AuditSettings {
+            output,
+            queue: raw.audit.queue as usize,
         };
 
         let a = &raw.auth;

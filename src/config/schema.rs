@@ -138,12 +138,14 @@ fn default_admin_listen() -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAudit {
     pub output: String,
+    pub queue: u32,
 }
 
 impl Default for RawAudit {
     fn default() -> Self {
         RawAudit {
             output: "stdout".to_owned(),
+            queue: 16 * 1024,
         }
     }
 }

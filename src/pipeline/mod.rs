@@ -140,7 +140,9 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     // Backpressure: while the audit writer is behind, new requests wait here (nothing is held
     // afterwards; the record takes its place in the queue when it is written).
-    shared.audit.wait_for_room().await;
+    if shared.audit.wait_for_room().await {
+        crate::metrics::audit_backpressure();
+    }
     let live = shared.live.load_full();
     let start = Instant::now();
     let cfg = &live.config;
