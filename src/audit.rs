@@ -6,17 +6,28 @@
 //! quotes or control bytes stay inside their string and cannot forge a line.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::time::SystemTime;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::runtime::{AuditOutput, AuditSettings};
-
 enum Msg {
     Line(Vec<u8>),
     Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+/// `[audit]`: where records go, and how many may wait for the writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub output: AuditOutput,
+    /// Records queued for the writer at most; while it is full, new requests wait.
+    pub queue: usize,
 }
 
 #[derive(Clone)]
@@ -24,10 +35,6 @@ pub struct Audit {
     tx: mpsc::Sender<Msg>,
     /// Records waiting for room in a full queue; `flush` waits for them first.
     overflow: tokio_util::task::TaskTracker,
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
 impl Audit {
@@ -156,10 +163,6 @@ fn writer(out: Box<dyn std::io::Write + Send>, mut rx: mpsc::Receiver<Msg>) {
         }
     }
     let _ = out.flush();
-}
-
-pub fn ms(d: std::time::Duration) -> f64 {
-    (d.as_secs_f64() * 10_000.0).round() / 10.0
 }
 
 #[derive(Serialize)]

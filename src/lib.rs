@@ -8,7 +8,9 @@ pub mod admin;
 pub mod audit;
 pub mod auth;
 pub mod client_ip;
+pub mod clock;
 pub mod config;
+pub mod conn;
 pub mod cors;
 pub mod error;
 pub mod keys;
@@ -152,7 +154,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         None => (None, None),
         Some((path, retention)) => {
             let conn = llm::ledger::open(&path).map_err(StartError::Other)?;
-            let now = llm::budget::now_secs();
+            let now = clock::now_secs();
             let totals = llm::ledger::period_totals(&conn, now).map_err(|e| {
                 StartError::Other(format!("usage.database {}: {e}", path.display()))
             })?;
@@ -217,7 +219,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         let live = serve.shared.live.load();
         let cfg = &live.config;
         audit.emit(&audit::Startup {
-            ts: audit::now_rfc3339(),
+            ts: clock::now_rfc3339(),
             event: "startup",
             version: VERSION,
             listeners: addrs.clone(),
@@ -266,7 +268,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
     }
     audit.emit(&audit::Simple {
-        ts: audit::now_rfc3339(),
+        ts: clock::now_rfc3339(),
         event: "shutdown",
     });
     audit.flush().await;
@@ -369,7 +371,7 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
     metrics::reload(res);
     systemd::ready();
     serve.shared.audit.emit(&Reload {
-        ts: audit::now_rfc3339(),
+        ts: clock::now_rfc3339(),
         event: "reload",
         result: res,
         reason: reason.as_deref(),

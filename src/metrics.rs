@@ -243,12 +243,12 @@ pub fn ledger_error() {
 
 /// `portcullis_budget_remaining`: `key_id` is `*` for the gateway-wide `[budgets]` (no key id can
 /// be `*`).
-pub fn budget_remaining(key_id: Option<&str>, cap: crate::llm::budget::Cap, left: f64) {
+pub fn budget_remaining(key_id: Option<&str>, period: &'static str, unit: &'static str, left: f64) {
     gauge!(
         "portcullis_budget_remaining",
         "key_id" => key_id.unwrap_or("*").to_owned(),
-        "period" => cap.period.name(),
-        "unit" => cap.unit.name()
+        "period" => period,
+        "unit" => unit
     )
     .set(left);
 }

@@ -122,7 +122,12 @@ async fn raw_status(addr: std::net::SocketAddr, req: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_audit_sink_loses_nothing() {
-    const N: usize = 20_000;
+    // The sink takes about 1,000 lines a second. Ahead of the gateway's 64-record queue sit only
+    // the writer's 64 KiB buffer and the pipe's 64 KiB (together well under 1,000 records of about
+    // 300 bytes), so at the test's rate (several thousand requests a second when nothing waits)
+    // the queue is full for most of the 2,000 requests, about two seconds.
+    const N: usize = 2_000;
+    const QUEUE: usize = 64;
     let up = upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("audit.fifo");
@@ -133,8 +138,6 @@ async fn a_slow_audit_sink_loses_nothing() {
             .unwrap()
             .success()
     );
-    // The sink: a reader slower than the gateway can serve (about 1,000 lines a second), so the
-    // pipe and then the gateway's 16,384-record queue fill up and stay full for the rest of the run.
     let fifo2 = fifo.clone();
     let reader = std::thread::spawn(move || {
         let f = std::fs::File::open(&fifo2).unwrap();
@@ -145,6 +148,7 @@ async fn a_slow_audit_sink_loses_nothing() {
             .enumerate()
         {
             if i > 0 {
+                // The slowness of the sink under test, not synchronisation.
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
             if line.contains("\"event\":\"request\"") {
@@ -153,15 +157,25 @@ async fn a_slow_audit_sink_loses_nothing() {
         }
         n
     });
+    // The audit output is the FIFO, so the `startup` event (which names the admin address) is not
+    // on stdout: give the admin listener a port reserved here instead.
+    let admin = free_port();
     let config = format!(
-        "{}[audit]\noutput = \"{}\"\n[limits]\nper_ip = \"off\"\n[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        "{}[audit]\noutput = \"{}\"\nqueue = {QUEUE}\n[admin]\nlisten = \"{admin}\"\n[limits]\nper_ip = \"off\"\n\
+         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
         server_section(""),
         fifo.display(),
         up.url()
     );
     let mut gw = Gateway::start_full(&config, &[], true).await;
-    // 20,000 requests against the slow sink: when the queue is full, requests wait for a place
-    // in it (backpressure) instead of records being dropped.
+    let metrics_url = format!("http://{admin}/metrics");
+    assert_eq!(
+        audit_waits(&metrics_url).await,
+        0,
+        "backpressure before any request"
+    );
+    // When the queue is full, requests wait for a place in it (backpressure) instead of records
+    // being dropped.
     let c = client();
     let url = gw.url("/x");
     let statuses: Vec<u16> = futures_util::stream::iter(0..N)
@@ -179,8 +193,51 @@ async fn a_slow_audit_sink_loses_nothing() {
         .buffer_unordered(32)
         .collect()
         .await;
-    assert!(statuses.iter().all(|s| *s == 200));
+    let not_ok: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    assert!(
+        not_ok.is_empty(),
+        "{} of {N} requests were not 200: {:?}",
+        not_ok.len(),
+        &not_ok[..not_ok.len().min(20)]
+    );
+    // The queue really filled: requests waited for room in it.
+    let waits = audit_waits(&metrics_url).await;
+    assert!(
+        waits > 0,
+        "no request waited for the audit queue: backpressure was not exercised"
+    );
+    // The drain: what is still queued (and in the writer's buffer) reaches the sink before exit.
     gw.signal("TERM");
-    assert_eq!(gw.wait_exit().await, 0);
-    assert_eq!(reader.join().unwrap(), N, "records were lost");
+    assert_eq!(gw.wait_exit().await, 0, "stderr:\n{}", gw.stderr.text());
+    assert_eq!(
+        reader.join().unwrap(),
+        N,
+        "records were lost ({waits} requests had waited for the queue)"
+    );
+}
+
+/// A loopback port that was free a moment ago (bound, read, released).
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `portcullis_audit_waits_total` from the admin listener's /metrics.
+async fn audit_waits(metrics_url: &str) -> u64 {
+    let text = client()
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(' ')?;
+            (name == "portcullis_audit_waits_total").then(|| value.trim().parse::<f64>().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no portcullis_audit_waits_total in:\n{text}")) as u64
 }

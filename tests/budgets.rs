@@ -82,7 +82,7 @@ const PHONE_DAY_TOKENS: &str =
     "portcullis_budget_remaining{key_id=\"phone\",period=\"day\",unit=\"tokens\"}";
 
 fn now() -> i64 {
-    portcullis::llm::budget::now_secs()
+    portcullis::clock::now_secs()
 }
 
 /// Seconds until `period` ends, as a client would be told.

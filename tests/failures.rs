@@ -151,33 +151,47 @@ async fn headers_over_max_header_bytes_get_431() {
     assert_eq!(up.targets().len(), 1);
 }
 
+/// Sends raw bytes and reads until the gateway closes the connection. Returns what it answered
+/// and whether it closed (EOF, or a reset) within `WAIT`; the request does not ask for a close.
+async fn raw_until_closed(addr: std::net::SocketAddr, bytes: &[u8]) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .is_ok();
+    (String::from_utf8_lossy(&out).into_owned(), closed)
+}
+
 #[tokio::test]
 async fn conflicting_framing_and_missing_host_are_refused() {
     let up = upstream().await;
     let gw = Gateway::start(&config(&up.url(), "")).await;
+    // None asks for `Connection: close`: after a 400 for its framing or its Host, the gateway
+    // cannot trust where the next request would begin, so it must close the connection itself.
     let cases: &[&[u8]] = &[
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nContent-Length: abc\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: gzip\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
-        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
     ];
     for c in cases {
-        let resp = raw(gw.addr, c).await;
-        assert_eq!(
-            status_of(&resp),
-            400,
-            "{}: {resp}",
-            String::from_utf8_lossy(c)
+        let (resp, closed) = raw_until_closed(gw.addr, c).await;
+        let case = String::from_utf8_lossy(c);
+        assert_eq!(status_of(&resp), 400, "{case}: {resp}");
+        assert!(
+            closed,
+            "{case}: connection still open {WAIT:?} after the 400: {resp}"
         );
     }
     assert!(up.targets().is_empty(), "{:?}", up.targets());
 
     // A malformed chunk is only seen once the body streams, after the head went upstream (as
     // with any streaming proxy); the client still gets 400 and the connection is closed.
-    let resp = raw(
+    let (resp, closed) = raw_until_closed(
         gw.addr,
         b"POST / HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     )
@@ -186,6 +200,10 @@ async fn conflicting_framing_and_missing_host_are_refused() {
     assert!(
         resp.to_ascii_lowercase().contains("connection: close"),
         "{resp}"
+    );
+    assert!(
+        closed,
+        "connection still open {WAIT:?} after the 400: {resp}"
     );
 }
 
@@ -272,20 +290,45 @@ async fn websocket_tunnels_count_towards_max_connections() {
     let (mut tunnel, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr))
         .await
         .unwrap();
-    // The only slot is held by the tunnel: a new client waits in the backlog.
-    let waiting = tokio::spawn(raw_get(gw.addr, "/x"));
-    let early = tokio::time::timeout(Duration::from_millis(1500), async {
-        while !waiting.is_finished() {
-            tokio::task::yield_now().await
-        }
-    })
-    .await;
+    // The only slot is held by the tunnel: a new client waits in the backlog. Its connect (which
+    // the kernel completes) and its request are done before the window below starts.
+    let mut second = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    second
+        .write_all(b"GET /x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut waiting = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let _ = second.read_to_end(&mut out).await;
+        status_of(&String::from_utf8_lossy(&out))
+    });
+    // The answer must not come while the tunnel is open: await it, for a bounded time (a served
+    // request takes milliseconds; this is the window of the negative check, not synchronisation).
+    let early = tokio::time::timeout(Duration::from_millis(1500), &mut waiting).await;
     assert!(
         early.is_err(),
-        "a second connection was served while the tunnel held the only slot"
+        "a second connection was served while the tunnel held the only slot: {early:?}"
     );
+    assert!(up.targets().is_empty(), "{:?}", up.targets());
+    // The tunnel itself still works (the gateway is serving, just not the second client).
+    futures_util::SinkExt::send(
+        &mut tunnel,
+        tokio_tungstenite::tungstenite::Message::text("ping"),
+    )
+    .await
+    .unwrap();
+    let echo = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut tunnel))
+        .await
+        .expect("no echo through the tunnel")
+        .unwrap()
+        .unwrap();
+    assert_eq!(echo.into_text().unwrap().as_str(), "ping");
     futures_util::SinkExt::close(&mut tunnel).await.unwrap();
     drop(tunnel);
-    let (status, _) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    let status = tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting client was not served after the tunnel closed")
+        .unwrap();
     assert_eq!(status, 200);
+    assert_eq!(up.targets(), ["/x"]);
 }

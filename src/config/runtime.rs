@@ -21,6 +21,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::schema::{RawAuthMode, RawConfig, RawRoute};
 use super::secret::{self, Env};
 use super::units::Rate;
+pub use crate::audit::{AuditOutput, AuditSettings};
 
 #[derive(Debug)]
 pub struct Config {
@@ -115,20 +116,6 @@ impl fmt::Debug for Admin {
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .finish()
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditOutput {
-    Stdout,
-    File(PathBuf),
-}
-
-/// `[audit]`: where records go, and how many may wait for the writer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditSettings {
-    pub output: AuditOutput,
-    /// Records queued for the writer at most; while it is full, new requests wait.
-    pub queue: usize,
 }
 
 #[derive(Debug, Clone)]

@@ -345,7 +345,7 @@ impl Reservation {
                     let line = cap.limit * f64::from(threshold) / 100.0;
                     if was < line && is >= line {
                         events.push(BudgetEvent {
-                            ts: crate::audit::now_rfc3339(),
+                            ts: crate::clock::now_rfc3339(),
                             event: "budget",
                             key_id: scope.as_deref().map(str::to_owned),
                             period: cap.period.name(),
@@ -370,7 +370,7 @@ impl Reservation {
 /// Sets `portcullis_budget_remaining` for `cap`, given what is spent of it.
 fn publish(scope: &Scope, cap: &Cap, spent: f64) {
     let left = round_usd((cap.limit - spent).max(0.0));
-    crate::metrics::budget_remaining(scope.as_deref(), *cap, left);
+    crate::metrics::budget_remaining(scope.as_deref(), cap.period.name(), cap.unit.name(), left);
 }
 
 impl Drop for Reservation {
@@ -385,14 +385,6 @@ impl Drop for Reservation {
             }
         }
     }
-}
-
-/// The seconds since the epoch, now.
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -95,7 +95,7 @@ impl Meter {
         let reservation = self.reservation.as_ref().map(|r| r.amount());
         let charged = charge(exchange, usage, reservation.unwrap_or_default());
         let events = match self.reservation {
-            Some(r) => r.settle(charged, super::budget::now_secs()),
+            Some(r) => r.settle(charged, crate::clock::now_secs()),
             None => Vec::new(),
         };
         Settled {

@@ -15,7 +15,9 @@ pub struct Scanner {
     /// The current event has outgrown `limit`: ignore it up to its end.
     oversized: bool,
     last_cr: bool,
-    bom_checked: bool,
+    /// No line has ended yet: the first may start with a byte-order mark, to be dropped (it may
+    /// arrive split across chunks, so it is looked for in the assembled line).
+    first_line: bool,
     limit: usize,
 }
 
@@ -27,7 +29,7 @@ impl Scanner {
             has_data: false,
             oversized: false,
             last_cr: false,
-            bom_checked: false,
+            first_line: true,
             limit,
         }
     }
@@ -45,15 +47,7 @@ impl Scanner {
     /// Like [`feed`](Self::feed), but called at *every* blank line, with the event's data when it
     /// has any (comments and empty blocks give `None`): the boundaries a filter can cut at.
     pub fn feed_blocks(&mut self, chunk: &[u8], mut on_event: impl FnMut(Option<&[u8]>, usize)) {
-        let mut input = chunk;
-        let mut base = 0;
-        if !self.bom_checked && !chunk.is_empty() {
-            self.bom_checked = true;
-            if let Some(rest) = chunk.strip_prefix("\u{feff}".as_bytes()) {
-                input = rest;
-                base = 3;
-            }
-        }
+        let input = chunk;
         // Whole runs between line ends are copied at once (memchr), not byte by byte.
         let mut i = 0;
         while i < input.len() {
@@ -73,7 +67,7 @@ impl Scanner {
                 Some(p) => {
                     self.push_line(&input[i..i + p]);
                     self.last_cr = input[i + p] == b'\r';
-                    self.end_line(base + i + p + 1, &mut on_event);
+                    self.end_line(i + p + 1, &mut on_event);
                     i += p + 1;
                 }
             }
@@ -92,6 +86,9 @@ impl Scanner {
     }
 
     fn end_line(&mut self, at: usize, on_event: &mut impl FnMut(Option<&[u8]>, usize)) {
+        if std::mem::take(&mut self.first_line) && self.line.starts_with("\u{feff}".as_bytes()) {
+            self.line.drain(..3);
+        }
         if self.line.is_empty() {
             // Blank line: dispatch.
             if self.has_data && !self.oversized {
@@ -155,6 +152,9 @@ mod tests {
         assert_eq!(events(&[b"data\n\n"]), [""]);
         assert_eq!(events(&[b"id: 1\n\n"]), Vec::<String>::new());
         assert_eq!(events(&[b"\xef\xbb\xbfdata: bom\n\n"]), ["bom"]);
+        // Found by the property tests: a mark split across chunks is dropped all the same.
+        assert_eq!(events(&[b"\xef", b"\xbb\xbfdata: bom\n\n"]), ["bom"]);
+        assert_eq!(events(&[b"\xef\xbb", b"\xbfdata: bom\n\n"]), ["bom"]);
         // CR at the end of one chunk, LF at the start of the next: one line end.
         assert_eq!(events(&[b"data: a\r", b"\n\r", b"\n"]), ["a"]);
     }

@@ -24,7 +24,7 @@
 
 pub mod record;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +40,8 @@ use crate::auth::{self, Lockout};
 use crate::client_ip;
 use crate::config::Config;
 use crate::config::runtime::{AuthMode, Route, normalize_host};
+use crate::conn::Active;
+pub use crate::conn::ConnInfo;
 use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
 use crate::live::Live;
@@ -49,7 +51,6 @@ use crate::proxy::body::{self, Ended, OnEnd, ResponseBody, Streamed};
 use crate::proxy::{Forwarder, headers, websocket};
 use crate::rate_limit::{Allowed, Registry, Subject};
 use crate::route::{self, Match};
-use crate::server::Active;
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -77,13 +78,6 @@ pub struct Shared {
     /// Cancelled when `shutdown_grace` runs out: connections and tunnels still open are cut
     /// (their records are written before the process exits).
     pub cut: tokio_util::sync::CancellationToken,
-}
-
-/// Facts about the client connection, fixed at accept.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    pub tls: bool,
 }
 
 /// What the steps have established about one request.
@@ -117,7 +111,7 @@ impl Shared {
     pub fn publish_budgets(&self) {
         let Some(book) = &self.budgets else { return };
         let live = self.live.load();
-        let now = crate::llm::budget::now_secs();
+        let now = crate::clock::now_secs();
         let scopes = std::iter::once((None, &*live.config.budgets)).chain(
             live.config
                 .keys
@@ -450,7 +444,7 @@ fn reserve(
         key_caps: key_index.map_or_else(|| Arc::from([]), |k| cfg.keys[k].budget.clone()),
         gateway_caps: cfg.budgets.clone(),
     };
-    book.admit(applies, own, crate::llm::budget::now_secs())
+    book.admit(applies, own, crate::clock::now_secs())
         .map_err(|retry_after| GatewayError::BudgetExceeded { retry_after })
 }
 
@@ -550,7 +544,7 @@ fn emit_lockout(shared: &Shared, ip: IpAddr, lock: auth::LockedOut) {
         until: String,
     }
     shared.audit.emit(&Lockout {
-        ts: crate::audit::now_rfc3339(),
+        ts: crate::clock::now_rfc3339(),
         event: "lockout",
         client_ip: ip,
         failures: lock.failures,
@@ -839,7 +833,7 @@ async fn forward(
                     ctx.record.exchange = Exchange::NotSent;
                 }
             })?;
-        ctx.record.set_upstream_ms(crate::audit::ms(sent.elapsed()));
+        ctx.record.set_upstream_ms(crate::clock::ms(sent.elapsed()));
         ctx.record.exchange = Exchange::Answered(resp.status().as_u16());
         if websocket::accepted(&resp)
             && let Some(client_upgrade) = client_upgrade
@@ -923,7 +917,7 @@ async fn forward(
         }
     };
     ctx.record.exchange = Exchange::Answered(resp.status().as_u16());
-    ctx.record.set_upstream_ms(crate::audit::ms(sent.elapsed()));
+    ctx.record.set_upstream_ms(crate::clock::ms(sent.elapsed()));
     if let Some(m) = &ctx.record.metrics {
         m.upstream(sent.elapsed());
     }

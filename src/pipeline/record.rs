@@ -205,7 +205,7 @@ impl Record {
         let f = &mut self.fields;
         f.outcome = outcome;
         f.status = self.sent.unwrap_or(unsent);
-        f.ts = crate::audit::now_rfc3339();
+        f.ts = crate::clock::now_rfc3339();
         f.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         f.bytes_out = self.bytes_out.load(Ordering::Relaxed);
         if let Some(meter) = self.meter.take() {
@@ -213,7 +213,7 @@ impl Record {
         }
         let f = &mut self.fields;
         let elapsed = self.start.elapsed();
-        f.duration_ms = crate::audit::ms(elapsed);
+        f.duration_ms = crate::clock::ms(elapsed);
         match (&self.metrics, &f.route) {
             (Some(m), Some(route)) => m.request(route, f.outcome, elapsed),
             _ => crate::metrics::request(f.route.as_deref(), f.outcome, elapsed),
