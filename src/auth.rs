@@ -1,19 +1,16 @@
-//! API keys and lockout (SPEC §3 steps 5 and 7, §3.4 "Keys").
+//! API keys (SPEC §3 step 7, §3.4 "Keys").
 //!
 //! A presented key is hashed (SHA-256) and the digest looked up; the stored digest is then
 //! compared in constant time. No secret is ever compared byte by byte, and the config holds only
 //! digests. Presenting two different credentials is refused outright: a gateway and an upstream
 //! that each pick "their" header is how one key gets checked and another one used.
 //!
-//! Lockout: invalid and expired keys count as failures for the client IP (IPv6 by /64) across all
-//! routes, whichever key they name; a missing key does not (a browser's first request has none).
-//! `lockout_failures` within `lockout_window` locks the IP out of every route for
-//! `lockout_duration`. Lockout state is bounded like the rate limiters'.
+//! Which failures count towards a lockout is decided here (invalid and expired keys do, a
+//! missing key does not); the lockout itself is `lockout.rs`.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::SystemTime;
 
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
@@ -22,7 +19,6 @@ use subtle::ConstantTimeEq;
 use crate::config::runtime::{Auth, Key};
 use crate::error::GatewayError;
 use crate::keys;
-use crate::rate_limit::{Entry, LOCKOUT_PARTITION, Store, Subject};
 
 /// What a request presented as its credential.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,90 +146,6 @@ impl KeyStore {
     }
 }
 
-/// One client's recent failed key checks and lockout.
-pub struct Failures {
-    recent: VecDeque<Instant>,
-    locked_until: Option<Instant>,
-}
-
-/// Failed-key counters and lockouts per client. They live in the rate limiters' store, so the
-/// two together never exceed `max_tracked_clients` entries (least recently seen evicted first).
-pub struct Lockout {
-    store: Arc<Store>,
-}
-
-/// A lockout that has just begun.
-pub struct LockedOut {
-    pub failures: u32,
-    pub until: SystemTime,
-}
-
-fn key(who: IpAddr) -> (u32, Subject) {
-    (LOCKOUT_PARTITION, Subject::Ip(who))
-}
-
-impl Lockout {
-    pub fn new(store: Arc<Store>) -> Lockout {
-        Lockout { store }
-    }
-
-    /// `Err(time left)` while `who` is locked out.
-    pub fn check(&self, who: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.store.with(|lru| match lru.peek_mut(&key(who)) {
-            Some(Entry::Failures(f)) => match f.locked_until {
-                Some(until) if until > now => Err(until - now),
-                Some(_) => {
-                    f.locked_until = None;
-                    f.recent.clear();
-                    Ok(())
-                }
-                None => Ok(()),
-            },
-            _ => Ok(()),
-        })
-    }
-
-    /// Counts a failure; returns the lockout if this one started it.
-    pub fn fail(&self, who: IpAddr, now: Instant, auth: &Auth) -> Option<LockedOut> {
-        self.store.with(|lru| {
-            let fresh = || {
-                Entry::Failures(Failures {
-                    recent: VecDeque::new(),
-                    locked_until: None,
-                })
-            };
-            let entry = lru.get_or_insert_mut(key(who), fresh);
-            if !matches!(entry, Entry::Failures(_)) {
-                *entry = fresh();
-            }
-            let Entry::Failures(f) = entry else {
-                return None;
-            };
-            while f
-                .recent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) > auth.lockout_window)
-            {
-                f.recent.pop_front();
-            }
-            f.recent.push_back(now);
-            if f.recent.len() > auth.lockout_failures as usize {
-                f.recent.pop_front();
-            }
-            if f.recent.len() >= auth.lockout_failures as usize
-                && f.locked_until.is_none_or(|u| u <= now)
-            {
-                f.locked_until = Some(now + auth.lockout_duration);
-                return Some(LockedOut {
-                    failures: f.recent.len() as u32,
-                    until: SystemTime::now() + auth.lockout_duration,
-                });
-            }
-            None
-        })
-    }
-}
-
 /// Key ids shared as `Arc<str>` so limiter subjects clone cheaply.
 pub fn key_ids(keys: &[Key]) -> Vec<Arc<str>> {
     keys.iter().map(|k| Arc::from(k.id.as_str())).collect()
@@ -244,6 +156,7 @@ mod tests {
     use super::*;
     use http::HeaderValue;
     use http::header::HeaderName;
+    use std::time::Duration;
 
     fn auth(query: Option<&str>) -> Auth {
         Auth {
@@ -341,54 +254,5 @@ mod tests {
             strip_query_param("api_keyx=1", "api_key").as_deref(),
             Some("api_keyx=1")
         );
-    }
-
-    #[test]
-    fn lockout_after_n_failures_and_it_ends() {
-        let a = auth(None);
-        let l = Lockout::new(Arc::new(Store::new(10)));
-        let ip: IpAddr = "192.0.2.9".parse().unwrap();
-        let t0 = Instant::now();
-        assert!(l.fail(ip, t0, &a).is_none());
-        assert!(l.fail(ip, t0, &a).is_none());
-        assert!(l.check(ip, t0).is_ok());
-        assert!(l.fail(ip, t0, &a).is_some());
-        assert_eq!(
-            l.check(ip, t0 + Duration::from_secs(1)),
-            Err(Duration::from_secs(899))
-        );
-        assert!(l.check(ip, t0 + Duration::from_secs(900)).is_ok());
-        // Counting starts afresh after a lockout ended.
-        assert!(l.fail(ip, t0 + Duration::from_secs(901), &a).is_none());
-    }
-
-    #[test]
-    fn lockout_and_limiter_state_share_one_bound() {
-        let reg = crate::rate_limit::Registry::new(10);
-        let l = Lockout::new(reg.store_arc());
-        let lim = reg
-            .get(crate::rate_limit::LimiterId::DefaultKey {
-                rate: crate::config::units::Rate::parse("5/min").unwrap(),
-            })
-            .unwrap();
-        let a = auth(None);
-        for i in 0..50u32 {
-            let ip = IpAddr::from((0x0a00_0000 + i).to_be_bytes());
-            l.fail(ip, Instant::now(), &a);
-            let _ = lim.check(&Subject::Ip(ip));
-        }
-        assert_eq!(reg.store().len(), 10);
-    }
-
-    #[test]
-    fn failures_outside_the_window_do_not_add_up() {
-        let a = auth(None);
-        let l = Lockout::new(Arc::new(Store::new(10)));
-        let ip: IpAddr = "192.0.2.9".parse().unwrap();
-        let t0 = Instant::now();
-        l.fail(ip, t0, &a);
-        l.fail(ip, t0 + Duration::from_secs(61), &a);
-        assert!(l.fail(ip, t0 + Duration::from_secs(62), &a).is_none());
-        assert!(l.fail(ip, t0 + Duration::from_secs(63), &a).is_some());
     }
 }

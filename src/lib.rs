@@ -16,6 +16,7 @@ pub mod error;
 pub mod keys;
 pub mod live;
 pub mod llm;
+pub mod lockout;
 pub mod metrics;
 pub mod path;
 pub mod pipeline;
@@ -84,7 +85,7 @@ fn build_serve(
         shared: Arc::new(Shared {
             ledger,
             budgets,
-            lockout: auth::Lockout::new(limiters.store_arc()),
+            lockout: lockout::Lockout::new(limiters.store_arc()),
             live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
             limiters,
             forwarder: proxy::Forwarder::new(),

@@ -40,9 +40,14 @@ pub enum Entry {
     /// A limiter's GCRA theoretical arrival time.
     Tat(Nanos),
     /// Failed key checks and lockout of one client (partition [`LOCKOUT_PARTITION`]).
-    Failures(crate::auth::Failures),
+    Failures(Failures),
 }
 
+/// One client's recent failed key checks and lockout.
+pub struct Failures {
+    pub(crate) recent: std::collections::VecDeque<std::time::Instant>,
+    pub(crate) locked_until: Option<std::time::Instant>,
+}
 /// The partition of the store that lockout state uses (limiters count up from 0).
 pub const LOCKOUT_PARTITION: u32 = u32::MAX;
 

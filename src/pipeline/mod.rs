@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use self::record::{Ending, Record};
 use crate::audit::Audit;
-use crate::auth::{self, Lockout};
+use crate::auth;
 use crate::client_ip;
 use crate::config::Config;
 use crate::config::runtime::{AuthMode, Route, normalize_host};
@@ -46,6 +46,7 @@ use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
 use crate::live::Live;
 use crate::llm::meter::{Exchange, Meter};
+use crate::lockout::{self, Lockout};
 use crate::path;
 use crate::proxy::body::{self, Ended, OnEnd, ResponseBody, Streamed};
 use crate::proxy::{Forwarder, headers, websocket};
@@ -534,7 +535,7 @@ fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result
     }
 }
 
-fn emit_lockout(shared: &Shared, ip: IpAddr, lock: auth::LockedOut) {
+fn emit_lockout(shared: &Shared, ip: IpAddr, lock: lockout::LockedOut) {
     #[derive(serde::Serialize)]
     struct Lockout {
         ts: String,
