@@ -72,6 +72,32 @@ pub fn upstream_path(route: &Route, path: &str) -> String {
     out
 }
 
+/// The URI the upstream receives: its own scheme and authority, the normalized path (see
+/// [`upstream_path`]), and the query as the client sent it, minus `auth.query_param` (a key in
+/// the query is the gateway's, never the upstream's).
+pub fn upstream_uri(
+    route: &Route,
+    path: &str,
+    query: Option<&str>,
+    key_param: Option<&str>,
+) -> Result<http::Uri, crate::error::GatewayError> {
+    let mut target = upstream_path(route, path);
+    let query = match (query, key_param) {
+        (Some(q), Some(p)) => crate::auth::strip_query_param(q, p),
+        (q, _) => q.map(str::to_owned),
+    };
+    if let Some(q) = query {
+        target.push('?');
+        target.push_str(&q);
+    }
+    http::Uri::builder()
+        .scheme(route.upstream.scheme.clone())
+        .authority(route.upstream.authority.clone())
+        .path_and_query(target)
+        .build()
+        .map_err(|_| crate::error::GatewayError::BadRequest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

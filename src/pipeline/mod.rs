@@ -23,6 +23,7 @@
 //! with the request's future and writes itself as `client_closed`.
 
 pub mod record;
+pub mod target;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -30,16 +31,17 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Method, Request, Response, Version};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
 use self::record::{Ending, Record};
+use self::target::{check_ip_lists, check_target, content_length, method_name, request_id};
 use crate::audit::Audit;
 use crate::auth;
 use crate::client_ip;
 use crate::config::Config;
-use crate::config::runtime::{AuthMode, Route, normalize_host};
+use crate::config::runtime::{AuthMode, Route};
 use crate::conn::Active;
 pub use crate::conn::ConnInfo;
 use crate::cors::{self, Verdict};
@@ -49,16 +51,11 @@ use crate::llm::meter::{Exchange, Meter};
 use crate::lockout::{self, Lockout};
 use crate::path;
 use crate::proxy::body::{self, Ended, OnEnd, ResponseBody, Streamed};
-use crate::proxy::{Forwarder, headers, websocket};
+use crate::proxy::headers::{self, X_REQUEST_ID};
+use crate::proxy::{Forwarder, websocket};
 use crate::rate_limit::{Allowed, Registry, Subject};
 use crate::route::{self, Match};
 
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
@@ -553,175 +550,8 @@ fn emit_lockout(shared: &Shared, ip: IpAddr, lock: lockout::LockedOut) {
     });
 }
 
-/// SPEC §3.1 and §3.4 "Targets": what must be refused before the path is even looked at.
-/// Returns the request's host (lower-case, no port) for route matching.
-fn check_target<B>(
-    req: &Request<B>,
-    max_header_bytes: usize,
-) -> Result<Option<String>, GatewayError> {
-    if req.method() == Method::CONNECT {
-        return Err(GatewayError::BadRequest);
-    }
-    // Request line + headers, as counted on the wire (hyper's own buffer cap is a little larger
-    // so that this check, with its JSON answer, is the one that normally fires).
-    let head: usize = req.method().as_str().len()
-        + req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().len())
-            .unwrap_or(1)
-        + 12
-        + req
-            .headers()
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 4)
-            .sum::<usize>();
-    if head > max_header_bytes {
-        return Err(GatewayError::HeadersTooLarge);
-    }
-    // SPEC §3.4 "Framing": `chunked` is the only transfer coding accepted from a client.
-    let mut te = req.headers().get_all(header::TRANSFER_ENCODING).iter();
-    if let Some(v) = te.next()
-        && (te.next().is_some() || !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
-    {
-        return Err(GatewayError::BadRequest);
-    }
-    let hosts = req.headers().get_all(header::HOST);
-    let mut hosts = hosts.iter();
-    let host_header = hosts.next();
-    if hosts.next().is_some() {
-        return Err(GatewayError::BadRequest);
-    }
-    let host = if req.version() >= Version::HTTP_2 {
-        // HTTP/2: :authority, and a Host header (if any) must agree with it (RFC 9113 §8.3.1).
-        let authority = req.uri().authority().map(|a| a.as_str());
-        if let (Some(a), Some(h)) = (authority, host_header)
-            && !h.as_bytes().eq_ignore_ascii_case(a.as_bytes())
-        {
-            return Err(GatewayError::BadRequest);
-        }
-        authority
-            .map(str::to_owned)
-            .or_else(|| host_header.and_then(|h| h.to_str().ok()).map(str::to_owned))
-    } else {
-        // HTTP/1.x: origin-form only; absolute-form is what proxies (not gateways) accept, and a
-        // URI authority that differs from Host is a classic routing confusion.
-        if req.uri().scheme().is_some() || req.uri().authority().is_some() {
-            return Err(GatewayError::BadRequest);
-        }
-        match host_header {
-            Some(h) => Some(h.to_str().map_err(|_| GatewayError::BadRequest)?.to_owned()),
-            // RFC 9112 §3.2: a 1.1 request without Host is 400; 1.0 may omit it.
-            None if req.version() == Version::HTTP_11 => return Err(GatewayError::BadRequest),
-            None => None,
-        }
-    };
-    if let Some(h) = &host
-        && (h.is_empty()
-            || h.bytes()
-                .any(|b| b <= b' ' || b == b'/' || b == b'@' || b == 0x7f))
-    {
-        return Err(GatewayError::BadRequest);
-    }
-    Ok(host.map(|h| normalize_host(&h)))
-}
-
-fn check_ip_lists(route: &Route, ip: IpAddr) -> Result<(), GatewayError> {
-    if route.deny_ips.iter().any(|n| n.contains(&ip)) {
-        return Err(GatewayError::IpDenied);
-    }
-    if !route.allow_ips.is_empty() && !route.allow_ips.iter().any(|n| n.contains(&ip)) {
-        return Err(GatewayError::IpDenied);
-    }
-    Ok(())
-}
-
-fn content_length<B>(req: &Request<B>) -> Result<Option<u64>, GatewayError> {
-    match req.headers().get(header::CONTENT_LENGTH) {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .map(Some)
-            .ok_or(GatewayError::BadRequest),
-    }
-}
-
-/// A client-supplied `X-Request-Id` is kept only from a trusted proxy, and only when it is
-/// 1–128 characters of `[A-Za-z0-9._-]`: anything else could forge or break log correlation.
-/// An IP address as a header value, formatted on the stack (one copy, no temporary String).
-/// IPv4, the common case, is written digit by digit: `Display` costs several times as much.
-fn ip_header(ip: IpAddr) -> Option<HeaderValue> {
-    use std::io::Write;
-    let mut buf = [0u8; 64];
-    let n = match ip {
-        IpAddr::V4(v4) => {
-            let mut n = 0;
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[n] = b'.';
-                    n += 1;
-                }
-                if octet >= 100 {
-                    buf[n] = b'0' + octet / 100;
-                    n += 1;
-                }
-                if octet >= 10 {
-                    buf[n] = b'0' + octet / 10 % 10;
-                    n += 1;
-                }
-                buf[n] = b'0' + octet % 10;
-                n += 1;
-            }
-            n
-        }
-        IpAddr::V6(_) => {
-            let mut cur = std::io::Cursor::new(&mut buf[..]);
-            write!(cur, "{ip}").ok()?;
-            cur.position() as usize
-        }
-    };
-    HeaderValue::from_bytes(&buf[..n]).ok()
-}
-
-/// The method for the audit record, without an allocation for the standard ones.
-fn method_name(m: &Method) -> std::borrow::Cow<'static, str> {
-    const STANDARD: [Method; 9] = [
-        Method::GET,
-        Method::POST,
-        Method::PUT,
-        Method::DELETE,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PATCH,
-        Method::CONNECT,
-        Method::TRACE,
-    ];
-    const NAMES: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
-    ];
-    match STANDARD.iter().position(|s| s == m) {
-        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
-        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
-    }
-}
-
-fn request_id<B>(req: &Request<B>, peer_trusted: bool) -> HeaderValue {
-    if peer_trusted
-        && let Some(v) = req.headers().get(&X_REQUEST_ID)
-        && (1..=128).contains(&v.len())
-        && v.as_bytes()
-            .iter()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return v.clone();
-    }
-    let mut buf = [0; ulid::ULID_LEN];
-    let id = ulid::Ulid::new().array_to_str(&mut buf);
-    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("0"))
-}
-
+/// Step 9's exchange: the request as the upstream receives it, sent on the WebSocket or the
+/// HTTP path.
 async fn forward(
     shared: &Shared,
     cfg: &Config,
@@ -735,146 +565,84 @@ async fn forward(
     let is_ws = route.websocket
         && parts.version == Version::HTTP_11
         && headers::is_websocket_upgrade(&parts.headers);
-
-    // The URI the upstream receives: its own authority, the normalized path, the query as sent.
-    let mut target = route::upstream_path(route, path);
-    let query = match (parts.uri.query(), &cfg.auth.query_param) {
-        (Some(q), Some(p)) => auth::strip_query_param(q, p),
-        (q, _) => q.map(str::to_owned),
-    };
-    if let Some(q) = query {
-        target.push('?');
-        target.push_str(&q);
-    }
-    let uri = Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(target)
-        .build()
-        .map_err(|_| GatewayError::BadRequest)?;
-
-    // Read what the gateway needs from the client's headers before they are cleaned.
-    let host_value = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let peer_ip = client_ip::canonical(conn.peer.ip());
-    let prior_xff = if client_ip::is_trusted(peer_ip, &cfg.server.trusted_proxies) {
-        join_header(&parts.headers, &X_FORWARDED_FOR)
-    } else {
-        None
-    };
-
-    let h = &mut parts.headers;
-    headers::clean_request(h);
-    if parts.version >= Version::HTTP_2 {
-        // RFC 9113 §8.2.3: split cookie fields are joined with "; " for HTTP/1.1.
-        headers::join_cookies(h);
-    }
-    // Expect: 100-continue is answered by our server side; the upstream gets the body directly.
-    h.remove(header::EXPECT);
-    if route.auth == AuthMode::Key {
-        // The client's key is the gateway's business; the upstream never sees it, whichever
-        // header it came in (the configured ones, and the two every SDK uses).
-        for name in &cfg.auth.headers {
-            h.remove(name);
-        }
-        h.remove(header::AUTHORIZATION);
-        h.remove(&X_API_KEY);
-    }
-    if let Some(v) = host_value {
-        h.insert(header::HOST, v.clone());
-        h.insert(&X_FORWARDED_HOST, v);
-    }
-    let real_ip = ip_header(ctx.client_ip);
-    let xff = match prior_xff {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok(),
-        None if peer_ip == ctx.client_ip => real_ip.clone(),
-        None => ip_header(peer_ip),
-    };
-    if let Some(v) = xff {
-        h.insert(&X_FORWARDED_FOR, v);
-    }
-    h.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    let uri = route::upstream_uri(
+        route,
+        path,
+        parts.uri.query(),
+        cfg.auth.query_param.as_deref(),
+    )?;
+    headers::forwarded(
+        &mut parts,
+        &headers::Forwarding {
+            key_headers: (route.auth == AuthMode::Key).then_some(&cfg.auth.headers[..]),
+            trusted_proxies: &cfg.server.trusted_proxies,
+            conn,
+            client_ip: ctx.client_ip,
+            request_id: &ctx.request_id,
+            websocket: is_ws,
+        },
+        route.upstream_headers.iter().map(|u| (&u.name, &u.value)),
     );
-    if let Some(v) = real_ip {
-        h.insert(&X_REAL_IP, v);
-    }
-    h.insert(&X_REQUEST_ID, ctx.request_id.clone());
-    for uh in &route.upstream_headers {
-        h.insert(uh.name.clone(), uh.value.clone());
-    }
-    if is_ws {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    }
-
     parts.uri = uri;
     parts.version = Version::HTTP_11;
-    let idle = cfg.server.stream_idle_timeout;
-
     if is_ws {
-        // hyper's low-level client writes the URI as given: origin-form for the upstream.
-        if let Some(pq) = parts.uri.path_and_query().cloned() {
-            parts.uri = Uri::from(pq);
-        }
-        let client_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
-        let mut up_req = Request::from_parts(parts, body::empty());
-        up_req.headers_mut().remove(header::CONTENT_LENGTH);
-        let sent = Instant::now();
-        ctx.record.exchange = Exchange::Sent;
-        let mut resp = websocket::handshake(&route.upstream.authority, up_req, route.timeout)
-            .await
-            .inspect_err(|e| {
-                if *e != GatewayError::UpstreamTimeout {
-                    ctx.record.exchange = Exchange::NotSent;
-                }
-            })?;
-        ctx.record.set_upstream_ms(crate::clock::ms(sent.elapsed()));
-        ctx.record.exchange = Exchange::Answered(resp.status().as_u16());
-        if websocket::accepted(&resp)
-            && let Some(client_upgrade) = client_upgrade
-        {
-            let tunnel = Tunnel {
-                client: client_upgrade,
-                upstream: hyper::upgrade::on(&mut resp),
-                idle,
-            };
-            let (mut parts, _) = resp.into_parts();
-            let keep: Vec<(HeaderName, HeaderValue)> = parts
-                .headers
-                .iter()
-                .filter(|(n, _)| n.as_str().starts_with("sec-websocket-"))
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect();
-            headers::remove_hop_by_hop(&mut parts.headers);
-            for (n, v) in keep {
-                parts.headers.insert(n, v);
-            }
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts
-                .headers
-                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            return Ok((Response::from_parts(parts, body::empty()), Some(tunnel)));
-        }
-        return Ok((upstream_response(resp), None));
+        return open_websocket(ctx, route, parts, cfg.server.stream_idle_timeout).await;
     }
+    exchange(
+        shared,
+        ctx,
+        route,
+        parts,
+        incoming,
+        cfg.server.stream_idle_timeout,
+    )
+    .await
+}
 
-    let (up_body, body_done) = match incoming {
-        ClientBody::Buffered(bytes) => (
-            body::full(bytes),
-            Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        ),
+/// A WebSocket handshake on a connection of its own (see `proxy/websocket.rs`); the tunnel opens
+/// once the 101 has reached the client.
+async fn open_websocket(
+    ctx: &mut Ctx,
+    route: &Route,
+    parts: http::request::Parts,
+    idle: std::time::Duration,
+) -> Result<Answer, GatewayError> {
+    let sent = Instant::now();
+    ctx.record.exchange = Exchange::Sent;
+    let opened = websocket::open(parts, &route.upstream.authority, route.timeout)
+        .await
+        .inspect_err(|e| {
+            if *e != GatewayError::UpstreamTimeout {
+                ctx.record.exchange = Exchange::NotSent;
+            }
+        })?;
+    ctx.record.set_upstream_ms(crate::clock::ms(sent.elapsed()));
+    ctx.record.exchange = Exchange::Answered(opened.status);
+    let tunnel = opened.upgrades.map(|(client, upstream)| Tunnel {
+        client,
+        upstream,
+        idle,
+    });
+    Ok((opened.response, tunnel))
+}
+
+/// Sends the request to the upstream and returns its answer, with the usage tap on `llm`
+/// routes. Notes how far the exchange got, for the charge.
+async fn exchange(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    route: &Route,
+    parts: http::request::Parts,
+    incoming: ClientBody,
+    idle: std::time::Duration,
+) -> Result<Answer, GatewayError> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Whether the client's body has fully arrived (a timeout before that is the client's).
+    let body_done = Arc::new(AtomicBool::new(true));
+    let up_body = match incoming {
+        ClientBody::Buffered(bytes) => body::full(bytes),
         ClientBody::Streaming(incoming) => {
-            let done = Arc::new(std::sync::atomic::AtomicBool::new(
-                http_body::Body::is_end_stream(&incoming),
-            ));
+            body_done.store(http_body::Body::is_end_stream(&incoming), Ordering::Relaxed);
             let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
             let b = Streamed::new(
                 incoming,
@@ -883,30 +651,31 @@ async fn forward(
                 route.max_body,
                 None,
             )
-            .finished_flag(done.clone());
-            (http_body_util::BodyExt::boxed_unsync(b), done)
+            .finished_flag(body_done.clone());
+            http_body_util::BodyExt::boxed_unsync(b)
         }
     };
     let post = parts.method == Method::POST;
-    let up_req = Request::from_parts(parts, up_body);
     let sent = Instant::now();
     ctx.record.exchange = Exchange::Sent;
-    let resp = match shared.forwarder.send(up_req, route.timeout).await {
+    let resp = match shared
+        .forwarder
+        .send(Request::from_parts(parts, up_body), route.timeout)
+        .await
+    {
         Ok(resp) => resp,
         Err(failed) => {
-            // SPEC §7: the upstream never received it (connect failed), or the gateway refused
-            // it (the client's body was too slow, too large or malformed): nothing to charge.
             let error = match failed.error {
                 // The upstream cannot answer a request it has not fully received: a body still
                 // arriving when the route timeout fires is the client's slowness (408), not the
                 // upstream's (504).
-                GatewayError::UpstreamTimeout
-                    if !body_done.load(std::sync::atomic::Ordering::Relaxed) =>
-                {
+                GatewayError::UpstreamTimeout if !body_done.load(Ordering::Relaxed) => {
                     GatewayError::RequestTimeout
                 }
                 e => e,
             };
+            // SPEC §7: the upstream never received it (connect failed), or the gateway refused
+            // it (the client's body was too slow, too large or malformed): nothing to charge.
             let upstream_side = matches!(
                 error,
                 GatewayError::UpstreamTimeout | GatewayError::UpstreamUnavailable
@@ -924,31 +693,30 @@ async fn forward(
     }
     // SPEC §7: usage is read only from answers to POST requests (a GET may fetch a stored file
     // that merely looks like usage).
-    if post && let Some(meter) = &ctx.record.meter {
-        let sse = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let (mut parts, incoming) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, meter.slot.clone());
-        if meter.injected && sse {
-            tapped = tapped.strip_usage_event();
-            // The client gets fewer bytes than the upstream sent: its length no longer holds.
-            parts.headers.remove(header::CONTENT_LENGTH);
-        }
-        return Ok((
-            Response::from_parts(
-                parts,
-                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                    tapped,
-                    Into::into,
-                )),
-            ),
-            None,
-        ));
+    let resp = match &ctx.record.meter {
+        Some(meter) if post => metered_response(resp, meter),
+        _ => upstream_response(resp),
+    };
+    Ok((resp, None))
+}
+
+/// The upstream's answer on an `llm` route: its usage noted as it streams past, and the
+/// usage-only event the gateway asked for left out of what the client sees.
+fn metered_response(resp: Response<Incoming>, meter: &Meter) -> Response<ResponseBody> {
+    let sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let (mut parts, incoming) = resp.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, meter.slot.clone());
+    if meter.injected && sse {
+        tapped = tapped.strip_usage_event();
+        // The client gets fewer bytes than the upstream sent: its length no longer holds.
+        parts.headers.remove(header::CONTENT_LENGTH);
     }
-    Ok((upstream_response(resp), None))
+    let body = http_body_util::BodyExt::map_err(tapped, Into::into);
+    Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
 }
 
 /// The upstream's answer with its hop-by-hop headers removed. `finish` wraps the body.
@@ -957,15 +725,6 @@ fn upstream_response(resp: Response<Incoming>) -> Response<ResponseBody> {
     let (mut parts, incoming) = resp.into_parts();
     headers::remove_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, incoming.map_err(Into::into).boxed_unsync())
-}
-
-fn join_header(h: &http::HeaderMap, name: &HeaderName) -> Option<String> {
-    let vals: Vec<&str> = h
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    (!vals.is_empty()).then(|| vals.join(", "))
 }
 
 /// What the response body carries to its end: the record, and the connection's busy mark.
@@ -1074,36 +833,4 @@ fn finish(
         body = body.send_clock(clock);
     }
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ip_headers_read_as_display_does() {
-        for ip in [
-            "0.0.0.0",
-            "1.2.3.4",
-            "10.0.100.255",
-            "192.168.1.20",
-            "255.255.255.255",
-            "99.100.9.10",
-            "::1",
-            "2001:db8::8a2e:370:7334",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(ip_header(ip).unwrap().to_str().unwrap(), ip.to_string());
-        }
-    }
-
-    #[test]
-    fn standard_methods_are_named_without_allocating() {
-        assert!(matches!(
-            method_name(&Method::POST),
-            std::borrow::Cow::Borrowed("POST")
-        ));
-        let custom = Method::from_bytes(b"PROPFIND").unwrap();
-        assert_eq!(method_name(&custom), "PROPFIND");
-    }
 }

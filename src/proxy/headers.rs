@@ -4,8 +4,12 @@
 //! (hop-by-hop, `Connection`-named, underscore names), and only then are the gateway's own
 //! headers set. So `Connection: X-Forwarded-For` removes only the client's copy.
 
+use std::net::IpAddr;
+
 use http::HeaderMap;
 use http::header::{self, HeaderName, HeaderValue};
+
+use crate::conn::ConnInfo;
 
 const HOP_BY_HOP: &[&str] = &[
     "connection",
@@ -133,6 +137,140 @@ pub fn add_security_headers(headers: &mut HeaderMap, tls: bool) {
     }
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What [`forwarded`] needs to know about the request beyond its head.
+pub struct Forwarding<'a> {
+    /// On `auth = "key"` routes, the headers the client's key may come in (`auth.headers`): the
+    /// key is consumed, never forwarded. `None` on `auth = "none"` routes.
+    pub key_headers: Option<&'a [HeaderName]>,
+    pub trusted_proxies: &'a [ipnet::IpNet],
+    pub conn: ConnInfo,
+    /// The resolved client address (step 3).
+    pub client_ip: IpAddr,
+    pub request_id: &'a HeaderValue,
+    /// A WebSocket handshake: `Connection: upgrade` and `Upgrade: websocket` are set again.
+    pub websocket: bool,
+}
+
+/// The request head as the upstream receives it (SPEC §3.2): hop-by-hop and client-claim headers
+/// removed, the client's key consumed on `auth = "key"` routes, `Host`, `X-Forwarded-*`,
+/// `X-Real-IP` and `X-Request-Id` set by the gateway, then the route's `upstream_headers`.
+pub fn forwarded<'h>(
+    parts: &mut http::request::Parts,
+    f: &Forwarding<'_>,
+    upstream_headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
+) {
+    // Read what the gateway needs from the client's headers before they are cleaned.
+    let host_value = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let peer_ip = crate::client_ip::canonical(f.conn.peer.ip());
+    let prior_xff = if crate::client_ip::is_trusted(peer_ip, f.trusted_proxies) {
+        join_header(&parts.headers, &X_FORWARDED_FOR)
+    } else {
+        None
+    };
+
+    let h = &mut parts.headers;
+    clean_request(h);
+    if parts.version >= http::Version::HTTP_2 {
+        // RFC 9113 §8.2.3: split cookie fields are joined with "; " for HTTP/1.1.
+        join_cookies(h);
+    }
+    // Expect: 100-continue is answered by our server side; the upstream gets the body directly.
+    h.remove(header::EXPECT);
+    if let Some(key_headers) = f.key_headers {
+        // The client's key is the gateway's business; the upstream never sees it, whichever
+        // header it came in (the configured ones, and the two every SDK uses).
+        for name in key_headers {
+            h.remove(name);
+        }
+        h.remove(header::AUTHORIZATION);
+        h.remove(&X_API_KEY);
+    }
+    if let Some(v) = host_value {
+        h.insert(header::HOST, v.clone());
+        h.insert(&X_FORWARDED_HOST, v);
+    }
+    let real_ip = ip_header(f.client_ip);
+    let xff = match prior_xff {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {peer_ip}")).ok(),
+        None if peer_ip == f.client_ip => real_ip.clone(),
+        None => ip_header(peer_ip),
+    };
+    if let Some(v) = xff {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if f.conn.tls { "https" } else { "http" }),
+    );
+    if let Some(v) = real_ip {
+        h.insert(&X_REAL_IP, v);
+    }
+    h.insert(&X_REQUEST_ID, f.request_id.clone());
+    for (name, value) in upstream_headers {
+        h.insert(name.clone(), value.clone());
+    }
+    if f.websocket {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    }
+}
+
+fn join_header(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let vals: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!vals.is_empty()).then(|| vals.join(", "))
+}
+
+/// An IP address as a header value, formatted on the stack (one copy, no temporary String).
+/// IPv4, the common case, is written digit by digit: `Display` costs several times as much.
+pub fn ip_header(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 64];
+    let n = match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                if octet >= 100 {
+                    buf[n] = b'0' + octet / 100;
+                    n += 1;
+                }
+                if octet >= 10 {
+                    buf[n] = b'0' + octet / 10 % 10;
+                    n += 1;
+                }
+                buf[n] = b'0' + octet % 10;
+                n += 1;
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            let mut cur = std::io::Cursor::new(&mut buf[..]);
+            write!(cur, "{ip}").ok()?;
+            cur.position() as usize
+        }
+    };
+    HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +306,22 @@ mod tests {
         assert!(is_websocket_upgrade(&h));
         h.insert("upgrade", HeaderValue::from_static("h2c"));
         assert!(!is_websocket_upgrade(&h));
+    }
+
+    #[test]
+    fn ip_headers_read_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.255",
+            "192.168.1.20",
+            "255.255.255.255",
+            "99.100.9.10",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).unwrap().to_str().unwrap(), ip.to_string());
+        }
     }
 }

@@ -60,6 +60,76 @@ pub async fn handshake(
         .map_err(|_| GatewayError::UpstreamTimeout)?
 }
 
+/// What the upstream answered a WebSocket handshake.
+pub struct Opened {
+    /// The answer for the client: the 101 with its `Sec-WebSocket-*` headers, or the upstream's
+    /// refusal as it came.
+    pub response: Response<ResponseBody>,
+    pub status: u16,
+    /// When the upstream switched protocols: the client's and the upstream's upgrades, for
+    /// [`tunnel`].
+    pub upgrades: Option<(OnUpgrade, OnUpgrade)>,
+}
+
+/// Sends the handshake `parts` (already rewritten for the upstream) and prepares the client's
+/// answer (SPEC §3.4 "Upgrades": a tunnel only behind the upstream's 101).
+pub async fn open(
+    mut parts: http::request::Parts,
+    authority: &Authority,
+    timeout: Duration,
+) -> Result<Opened, GatewayError> {
+    // hyper's low-level client writes the URI as given: origin-form for the upstream.
+    if let Some(pq) = parts.uri.path_and_query().cloned() {
+        parts.uri = http::Uri::from(pq);
+    }
+    let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let mut up_req = Request::from_parts(parts, super::body::empty());
+    up_req.headers_mut().remove(http::header::CONTENT_LENGTH);
+    let mut resp = handshake(authority, up_req, timeout).await?;
+    let status = resp.status().as_u16();
+    match client_upgrade {
+        Some(client) if accepted(&resp) => {
+            let upstream = hyper::upgrade::on(&mut resp);
+            let (mut parts, _) = resp.into_parts();
+            let keep: Vec<(http::HeaderName, http::HeaderValue)> = parts
+                .headers
+                .iter()
+                .filter(|(n, _)| n.as_str().starts_with("sec-websocket-"))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
+            super::headers::remove_hop_by_hop(&mut parts.headers);
+            for (n, v) in keep {
+                parts.headers.insert(n, v);
+            }
+            use http::header::{CONNECTION, HeaderValue, UPGRADE};
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(UPGRADE, HeaderValue::from_static("websocket"));
+            Ok(Opened {
+                response: Response::from_parts(parts, super::body::empty()),
+                status,
+                upgrades: Some((client, upstream)),
+            })
+        }
+        _ => {
+            let (mut parts, body) = resp.into_parts();
+            super::headers::remove_hop_by_hop(&mut parts.headers);
+            let body = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                body,
+                Into::into,
+            ));
+            Ok(Opened {
+                response: Response::from_parts(parts, body),
+                status,
+                upgrades: None,
+            })
+        }
+    }
+}
+
 /// Runs the tunnel once both sides have switched protocols. Returns when either side closes, an
 /// error occurs, or nothing moved for `idle`.
 pub async fn tunnel(
