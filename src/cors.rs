@@ -71,7 +71,7 @@ pub fn check(
 
 /// An IP literal, `localhost`, or a configured host name cannot be a rebound attacker domain.
 fn rebinding_proof(host_port: &str, known_host: &impl Fn(&str) -> bool) -> bool {
-    let host = crate::config::runtime::normalize_host(host_port);
+    let host = crate::config::parse::normalize_host(host_port);
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     bare.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || known_host(&host)
 }

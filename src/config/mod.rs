@@ -5,7 +5,9 @@
 //! top-level tables before the document is deserialized; an error in such a value names the
 //! variable as well as the line it replaced.
 
+pub mod build;
 pub mod env;
+pub mod parse;
 pub mod runtime;
 pub mod schema;
 pub mod secret;

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Version};
 
-use crate::config::runtime::{Route, normalize_host};
+use crate::config::parse::normalize_host;
+use crate::config::runtime::Route;
 use crate::error::GatewayError;
 use crate::proxy::headers::X_REQUEST_ID;
 

@@ -1,0 +1,660 @@
+//! Building the runtime [`Config`] from the TOML shape ([`RawConfig`]): one function per
+//! section, each checking what its section's types cannot say (ranges, uniqueness, references
+//! between sections) and resolving `${NAME}` in value strings. Errors carry the key path
+//! (`routes[1].upstream`) so `mod.rs` can point at the line.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Uri;
+use http::header::HeaderValue;
+use secrecy::ExposeSecret;
+
+use super::parse::*;
+use super::runtime::*;
+use super::schema::{RawAuthMode, RawConfig, RawRoute};
+use super::secret::{self, Env};
+
+impl Config {
+    pub fn from_raw(raw: RawConfig, env: &dyn Env) -> Result<Config, Invalid> {
+        let (server, tls) = server(&raw, env)?;
+        let admin = admin(&raw, env)?;
+        let audit = audit(&raw, env)?;
+        let auth = auth(&raw, env)?;
+        let cors = cors(&raw, env)?;
+        let limits = limits(&raw)?;
+        let routes = routes(&raw, &server, env)?;
+        let keys = keys(&raw, &routes, env)?;
+        let usage = usage(&raw, env)?;
+
+        // A budget needs the ledger: without it, a restart would quietly reset every budget.
+        let budgets: Arc<[_]> = match &raw.budgets {
+            None => Arc::from([]),
+            Some(b) => caps(b, "budgets")?.into(),
+        };
+        let has_ledger = usage.as_ref().is_some_and(|u| u.database.is_some());
+        let budgeted = (!budgets.is_empty())
+            .then(|| "budgets".to_owned())
+            .or_else(|| {
+                keys.iter()
+                    .position(|k| !k.budget.is_empty())
+                    .map(|i| format!("keys[{i}].budget"))
+            });
+        if let Some(path) = budgeted
+            && !has_ledger
+        {
+            return Err(invalid(
+                path,
+                "budgets need [usage] with a database (the ledger that keeps spend across restarts)",
+            ));
+        }
+        check_caps_against_usage(&budgets, &keys, usage.as_ref())?;
+
+        Ok(Config {
+            budgets,
+            usage,
+            server,
+            tls,
+            admin,
+            audit,
+            auth,
+            cors,
+            limits,
+            keys,
+            routes,
+        })
+    }
+}
+
+/// `[server]` and `[tls]` (a plain-HTTP listener on every interface needs `[tls]` or the explicit opt-out).
+fn server(raw: &RawConfig, env: &dyn Env) -> Result<(Server, Option<TlsFiles>), Invalid> {
+    let s = &raw.server;
+    let mut listen = Vec::new();
+    for (i, a) in s.listen.0.iter().enumerate() {
+        let p = if s.listen.0.len() == 1 {
+            "server.listen".to_owned()
+        } else {
+            format!("server.listen[{i}]")
+        };
+        listen.push(parse_listen(&plain(a, &p, env)?, &p)?);
+    }
+    if s.max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    if s.http2_max_concurrent_streams == 0 {
+        return Err(invalid(
+            "server.http2_max_concurrent_streams",
+            "must be at least 1",
+        ));
+    }
+    if s.max_header_bytes.0 < 1024 || s.max_header_bytes.0 > (1 << 20) {
+        return Err(invalid(
+            "server.max_header_bytes",
+            "must be between 1KiB and 1MiB",
+        ));
+    }
+    for (name, d) in [
+        ("header_timeout", s.header_timeout.0),
+        ("request_timeout", s.request_timeout.0),
+        ("stream_idle_timeout", s.stream_idle_timeout.0),
+        ("idle_timeout", s.idle_timeout.0),
+        ("send_timeout", s.send_timeout.0),
+    ] {
+        if d.is_zero() {
+            return Err(invalid(format!("server.{name}"), "must be greater than 0"));
+        }
+    }
+
+    let tls = match &raw.tls {
+        None => None,
+        Some(t) => {
+            let ca = plain(&t.client_ca, "tls.client_ca", env)?;
+            Some(TlsFiles {
+                cert: PathBuf::from(plain(&t.cert, "tls.cert", env)?),
+                key: PathBuf::from(plain(&t.key, "tls.key", env)?),
+                client_ca: (!ca.trim().is_empty()).then(|| PathBuf::from(ca)),
+            })
+        }
+    };
+
+    if tls.is_none() && !s.allow_plaintext_public {
+        for (i, a) in listen.iter().enumerate() {
+            if a.ip().is_unspecified() {
+                let p = if listen.len() == 1 {
+                    "server.listen".to_owned()
+                } else {
+                    format!("server.listen[{i}]")
+                };
+                return Err(invalid(
+                    p,
+                    format!(
+                        "{a} listens on every interface without [tls]: add a [tls] section, listen on a specific address, or set server.allow_plaintext_public = true"
+                    ),
+                ));
+            }
+        }
+    }
+
+    let server = Server {
+        listen,
+        trusted_proxies: cidrs(&s.trusted_proxies, "server.trusted_proxies", env)?,
+        max_body: s.max_body.0,
+        header_timeout: s.header_timeout.0,
+        request_timeout: s.request_timeout.0,
+        stream_idle_timeout: s.stream_idle_timeout.0,
+        idle_timeout: s.idle_timeout.0,
+        send_timeout: s.send_timeout.0,
+        shutdown_grace: s.shutdown_grace.0,
+        max_connections: s.max_connections as usize,
+        max_header_bytes: s.max_header_bytes.0 as usize,
+        http2_max_concurrent_streams: s.http2_max_concurrent_streams,
+        allow_plaintext_public: s.allow_plaintext_public,
+    };
+    Ok((server, tls))
+}
+
+/// `[admin]`.
+fn admin(raw: &RawConfig, env: &dyn Env) -> Result<Option<Admin>, Invalid> {
+    let admin = match &raw.admin {
+        None => None,
+        Some(a) => {
+            let l = plain(&a.listen, "admin.listen", env)?;
+            let token = if a.token.trim().is_empty() {
+                None
+            } else {
+                let t = secret::resolve(&a.token, env).map_err(|m| invalid("admin.token", m))?;
+                if t.expose_secret().trim().is_empty() {
+                    return Err(invalid(
+                        "admin.token",
+                        "resolved to an empty string; remove admin.token to serve /metrics without a token",
+                    ));
+                }
+                Some(t)
+            };
+            Some(Admin {
+                listen: parse_listen(&l, "admin.listen")?,
+                token,
+            })
+        }
+    };
+    Ok(admin)
+}
+
+/// `[audit]`.
+fn audit(raw: &RawConfig, env: &dyn Env) -> Result<AuditSettings, Invalid> {
+    let out = plain(&raw.audit.output, "audit.output", env)?;
+    let output = match out.trim() {
+        "stdout" | "" => AuditOutput::Stdout,
+        p => AuditOutput::File(PathBuf::from(p)),
+    };
+    if !(16..=1 << 20).contains(&raw.audit.queue) {
+        return Err(invalid("audit.queue", "must be between 16 and 1048576"));
+    }
+    let audit = AuditSettings {
+        output,
+        queue: raw.audit.queue as usize,
+    };
+    Ok(audit)
+}
+
+/// `[auth]`.
+fn auth(raw: &RawConfig, env: &dyn Env) -> Result<Auth, Invalid> {
+    let a = &raw.auth;
+    let mut headers = Vec::new();
+    for (i, h) in a.headers.iter().enumerate() {
+        headers.push(parse_header_name(h, &format!("auth.headers[{i}]"))?);
+    }
+    let query_param = plain(&a.query_param, "auth.query_param", env)?;
+    let query_param = query_param.trim();
+    if query_param.contains(['&', '=', '#', ' ']) {
+        return Err(invalid(
+            "auth.query_param",
+            "must be a plain parameter name",
+        ));
+    }
+    if a.lockout_failures == 0 {
+        return Err(invalid(
+            "auth.lockout_failures",
+            "must be at least 1 (a lockout after 0 failures would lock out everyone)",
+        ));
+    }
+    let auth = Auth {
+        headers,
+        query_param: (!query_param.is_empty()).then(|| query_param.to_owned()),
+        lockout_failures: a.lockout_failures,
+        lockout_window: a.lockout_window.0,
+        lockout_duration: a.lockout_duration.0,
+    };
+    Ok(auth)
+}
+
+/// `[cors]`.
+fn cors(raw: &RawConfig, env: &dyn Env) -> Result<Option<Cors>, Invalid> {
+    let cors = match &raw.cors {
+        None => None,
+        Some(c) => {
+            let any_origin = c.allowed_origins.iter().any(|o| o.trim() == "*");
+            if any_origin && c.allow_credentials {
+                return Err(invalid(
+                    "cors.allowed_origins",
+                    "\"*\" cannot be combined with allow_credentials = true (browsers refuse it, and it would let any site act as the user)",
+                ));
+            }
+            let mut origins = Vec::new();
+            for (i, o) in c.allowed_origins.iter().enumerate() {
+                let o = plain(o, &format!("cors.allowed_origins[{i}]"), env)?;
+                let o = o.trim();
+                if o == "*" {
+                    continue;
+                }
+                let uri: Uri = o.parse().map_err(|_| {
+                    invalid(
+                        format!("cors.allowed_origins[{i}]"),
+                        format!("invalid origin {o:?}"),
+                    )
+                })?;
+                if uri.scheme().is_none()
+                    || uri.authority().is_none()
+                    || !matches!(uri.path(), "" | "/")
+                    || o.ends_with('/')
+                {
+                    return Err(invalid(
+                        format!("cors.allowed_origins[{i}]"),
+                        format!("invalid origin {o:?}: expected scheme://host[:port] with no path"),
+                    ));
+                }
+                origins.push(o.to_ascii_lowercase());
+            }
+            let mut hdrs = Vec::new();
+            for (i, h) in c.allowed_headers.iter().enumerate() {
+                hdrs.push(parse_header_name(h, &format!("cors.allowed_headers[{i}]"))?);
+            }
+            Some(Cors {
+                allowed_origins: origins,
+                any_origin,
+                allowed_methods: parse_methods(&c.allowed_methods, "cors.allowed_methods")?,
+                allowed_headers: hdrs,
+                allow_credentials: c.allow_credentials,
+                max_age: c.max_age.0,
+            })
+        }
+    };
+    Ok(cors)
+}
+
+/// `[limits]`.
+fn limits(raw: &RawConfig) -> Result<Limits, Invalid> {
+    if raw.limits.max_tracked_clients == 0 {
+        return Err(invalid("limits.max_tracked_clients", "must be at least 1"));
+    }
+    if raw.limits.max_connections_per_ip == 0 {
+        return Err(invalid(
+            "limits.max_connections_per_ip",
+            "must be at least 1",
+        ));
+    }
+    // tokio's semaphore counts at most usize::MAX >> 3 permits (one per byte here).
+    if raw.limits.max_buffered_bytes.0 == 0 || raw.limits.max_buffered_bytes.0 > 1 << 40 {
+        return Err(invalid(
+            "limits.max_buffered_bytes",
+            "must be between 1 byte and 1TiB",
+        ));
+    }
+    let limits = Limits {
+        per_ip: raw.limits.per_ip,
+        per_key: raw.limits.per_key,
+        max_tracked_clients: raw.limits.max_tracked_clients as usize,
+        max_connections_per_ip: raw.limits.max_connections_per_ip as usize,
+        max_buffered_bytes: raw.limits.max_buffered_bytes.0,
+    };
+    Ok(limits)
+}
+
+/// `[[routes]]`: names unique, at least one.
+fn routes(raw: &RawConfig, server: &Server, env: &dyn Env) -> Result<Vec<Route>, Invalid> {
+    let mut routes = Vec::new();
+    let mut names = HashSet::new();
+    for (i, r) in raw.routes.iter().enumerate() {
+        let route = build_route(r, i, server, env)?;
+        if !names.insert(route.name.clone()) {
+            return Err(invalid(
+                format!("routes[{i}].name"),
+                format!("duplicate route name {:?}", route.name),
+            ));
+        }
+        routes.push(route);
+    }
+    if routes.is_empty() {
+        return Err(invalid("routes", "at least one [[routes]] entry is needed"));
+    }
+    Ok(routes)
+}
+
+/// `[[keys]]`: ids and hashes unique, routes that exist.
+fn keys(raw: &RawConfig, routes: &[Route], env: &dyn Env) -> Result<Vec<Key>, Invalid> {
+    let mut keys = Vec::new();
+    let mut ids = HashSet::new();
+    let mut hashes = HashSet::new();
+    for (i, k) in raw.keys.iter().enumerate() {
+        let p = |f: &str| format!("keys[{i}].{f}");
+        let id = k.id.trim();
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                p("id"),
+                "must be non-empty: letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !ids.insert(id.to_owned()) {
+            return Err(invalid(p("id"), format!("duplicate key id {id:?}")));
+        }
+        // A hash is no secret (the key has 256 bits), but it may come from a file all the same.
+        let hash = parse_hash(plain(&k.hash, &p("hash"), env)?.trim(), &p("hash"))?;
+        if !hashes.insert(hash) {
+            return Err(invalid(p("hash"), "the same key hash appears twice"));
+        }
+        if let Some(rs) = &k.routes {
+            for (j, r) in rs.iter().enumerate() {
+                if !routes.iter().any(|route| &route.name == r) {
+                    return Err(invalid(
+                        format!("keys[{i}].routes[{j}]"),
+                        format!("no route named {r:?}"),
+                    ));
+                }
+            }
+        }
+        let expires = match &k.expires {
+            None => None,
+            Some(e) => Some(
+                humantime::parse_rfc3339(plain(e, &p("expires"), env)?.trim()).map_err(|_| {
+                    invalid(
+                        p("expires"),
+                        format!("invalid RFC 3339 time {e:?}, e.g. \"2027-01-01T00:00:00Z\""),
+                    )
+                })?,
+            ),
+        };
+        let models = match &k.models {
+            None => None,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (j, m) in list.iter().enumerate() {
+                    out.push(
+                        crate::llm::request::ModelPattern::parse(m)
+                            .map_err(|e| invalid(format!("keys[{i}].models[{j}]"), e))?,
+                    );
+                }
+                Some(out)
+            }
+        };
+        let budget = match &k.budget {
+            None => Arc::from([]),
+            Some(b) => caps(b, &p("budget"))?.into(),
+        };
+        keys.push(Key {
+            budget,
+            models,
+            id: id.to_owned(),
+            hash,
+            routes: k.routes.clone(),
+            per_key: k.per_key,
+            expires,
+            disabled: k.disabled,
+        });
+    }
+    Ok(keys)
+}
+
+/// `[usage]`: prices, the fallback price, the ledger.
+fn usage(raw: &RawConfig, env: &dyn Env) -> Result<Option<UsageSettings>, Invalid> {
+    let usage = match &raw.usage {
+        None => None,
+        Some(u) => {
+            let price = |p: &super::schema::RawPrice, at: String| {
+                if p.input.is_finite() && p.output.is_finite() && p.input >= 0.0 && p.output >= 0.0
+                {
+                    Ok((p.input, p.output))
+                } else {
+                    Err(invalid(
+                        at,
+                        "prices must be non-negative numbers (USD per million tokens)",
+                    ))
+                }
+            };
+            let mut prices = std::collections::HashMap::new();
+            for (model, p) in &u.prices {
+                prices.insert(model.clone(), price(p, format!("usage.prices.{model}"))?);
+            }
+            let fallback_price = match &u.fallback_price {
+                Some(p) => Some(price(p, "usage.fallback_price".into())?),
+                None => prices
+                    .values()
+                    .copied()
+                    .reduce(|(i, o), (i2, o2)| (i.max(i2), o.max(o2))),
+            };
+            let database = match &u.database {
+                None => None,
+                Some(d) => Some(PathBuf::from(plain(d, "usage.database", env)?)),
+            };
+            Some(UsageSettings {
+                database,
+                retention: u
+                    .retention
+                    .map(|r| r.0)
+                    .unwrap_or(Duration::from_secs(90 * 86400)),
+                inject_stream_usage: u.inject_stream_usage,
+                default_completion_reservation: u.default_completion_reservation.unwrap_or(1024),
+                prices,
+                fallback_price,
+            })
+        }
+    };
+    Ok(usage)
+}
+
+/// SPEC §7: a cost cap needs a price for every model (a table, or `fallback_price`), so that it
+/// never counts $0; and the ledger must keep rows for the longest budgeted period, since spend
+/// is rebuilt from it at startup.
+fn check_caps_against_usage(
+    gateway: &[crate::llm::budget::Cap],
+    keys: &[Key],
+    usage: Option<&UsageSettings>,
+) -> Result<(), Invalid> {
+    use crate::llm::budget::{Period, Unit};
+    let scopes = std::iter::once(("budgets".to_owned(), gateway)).chain(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (format!("keys[{i}].budget"), &*k.budget)),
+    );
+    let Some(usage) = usage else { return Ok(()) };
+    for (at, caps) in scopes {
+        for cap in caps {
+            if cap.unit == Unit::Cost && usage.fallback_price.is_none() {
+                return Err(invalid(
+                    at,
+                    format!(
+                        "{cap}: a cost cap needs [usage.prices] or usage.fallback_price, \
+                         else a model without a price would count $0"
+                    ),
+                ));
+            }
+            let (need, days) = match cap.period {
+                Period::Month => ("32d", 32),
+                Period::Week => ("8d", 8),
+                Period::Day => ("1d", 1),
+            };
+            if usage.retention < Duration::from_secs(days * 86_400) {
+                return Err(invalid(
+                    "usage.retention",
+                    format!(
+                        "must be at least {need} with a {} cap ({at}: {cap}): spend is rebuilt \
+                         from the ledger at startup",
+                        cap.period.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The caps of a `[budgets]` table or a key's `budget`, checked: whole tokens, USD as a
+/// non-negative finite number.
+fn caps(b: &super::schema::RawBudget, at: &str) -> Result<Vec<crate::llm::budget::Cap>, Invalid> {
+    use crate::llm::budget::{Cap, Period, Unit};
+    let mut out = Vec::new();
+    let tokens = [
+        ("tokens_per_day", b.tokens_per_day, Period::Day),
+        ("tokens_per_week", b.tokens_per_week, Period::Week),
+        ("tokens_per_month", b.tokens_per_month, Period::Month),
+    ];
+    for (_, v, period) in tokens {
+        if let Some(v) = v {
+            out.push(Cap {
+                period,
+                unit: Unit::Tokens,
+                limit: v as f64,
+            });
+        }
+    }
+    let costs = [
+        ("cost_per_day", b.cost_per_day, Period::Day),
+        ("cost_per_week", b.cost_per_week, Period::Week),
+        ("cost_per_month", b.cost_per_month, Period::Month),
+    ];
+    for (name, v, period) in costs {
+        if let Some(v) = v {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(
+                    format!("{at}.{name}"),
+                    "must be a non-negative number of USD",
+                ));
+            }
+            out.push(Cap {
+                period,
+                unit: Unit::Cost,
+                limit: v,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result<Route, Invalid> {
+    let p = |f: &str| format!("routes[{i}].{f}");
+    let name = r.name.trim();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            p("name"),
+            "must be non-empty: letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if !r.path.starts_with('/') {
+        return Err(invalid(
+            p("path"),
+            format!("{:?} must start with '/'", r.path),
+        ));
+    }
+    match crate::path::normalize(&r.path) {
+        Ok(n) if n == r.path => {}
+        _ => {
+            return Err(invalid(
+                p("path"),
+                format!(
+                    "{:?} is not a normalized path (no dot segments, '//', '%' escapes or '\\')",
+                    r.path
+                ),
+            ));
+        }
+    }
+    // Errors quote the upstream as written, never as resolved: `${NAME}` may hold credentials.
+    let upstream = parse_upstream(&plain(&r.upstream, &p("upstream"), env)?, &p("upstream"))
+        .map_err(|mut e| {
+            if secret::has_reference(&r.upstream) {
+                e.message = format!("invalid URL {:?} (after resolving ${{...}})", r.upstream);
+            }
+            e
+        })?;
+    let host = plain(&r.host, &p("host"), env)?;
+    let host = host.trim();
+    let mut upstream_headers = Vec::new();
+    for (hname, hval) in &r.upstream_headers {
+        let path = format!("routes[{i}].upstream_headers.{hname}");
+        let name = parse_header_name(hname, &path)?;
+        if crate::proxy::headers::is_hop_by_hop(&name) || name == http::header::HOST {
+            return Err(invalid(
+                path,
+                format!("{name} cannot be set by upstream_headers"),
+            ));
+        }
+        let v = secret::resolve(hval, env).map_err(|m| invalid(&path, m))?;
+        let mut value = HeaderValue::from_str(v.expose_secret()).map_err(|_| {
+            invalid(
+                &path,
+                "the value is not a valid header value (control characters or newlines?)",
+            )
+        })?;
+        value.set_sensitive(true);
+        upstream_headers.push(UpstreamHeader { name, value });
+    }
+    let timeout = r.timeout.map(|d| d.0).unwrap_or(server.request_timeout);
+    if timeout.is_zero() {
+        return Err(invalid(p("timeout"), "must be greater than 0"));
+    }
+    Ok(Route {
+        index: i,
+        name: name.to_owned(),
+        prefix: r.path.trim_end_matches('/').to_owned(),
+        host: (!host.is_empty()).then(|| host_only(host)),
+        methods: parse_methods(&r.methods, &p("methods"))?,
+        upstream,
+        strip_prefix: r.strip_prefix,
+        auth: match r.auth {
+            RawAuthMode::Key => AuthMode::Key,
+            RawAuthMode::None => AuthMode::None,
+        },
+        per_ip: r.per_ip,
+        per_key: r.per_key,
+        max_body: r.max_body.map(|b| b.0).unwrap_or(server.max_body),
+        timeout,
+        allow_ips: cidrs(&r.allow_ips, &p("allow_ips"), env)?,
+        deny_ips: cidrs(&r.deny_ips, &p("deny_ips"), env)?,
+        websocket: r.websocket,
+        llm: r.llm,
+        upstream_headers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_are_canonical() {
+        assert_eq!(parse_cidr("10.0.0.1/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.0/120").unwrap().to_string(),
+            "203.0.113.0/24"
+        );
+        assert_eq!(
+            parse_cidr("::ffff:203.0.113.9").unwrap().to_string(),
+            "203.0.113.9/32"
+        );
+        assert_eq!(
+            parse_cidr("2001:db8::1/64").unwrap().to_string(),
+            "2001:db8::/64"
+        );
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nope").is_err());
+    }
+}
