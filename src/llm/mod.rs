@@ -6,6 +6,7 @@
 //! `usage.database`, record one row per request in the SQLite ledger (ledger.rs) that
 //! `portcullis usage` reads and the budget book is rebuilt from at startup.
 
+pub mod admit;
 pub mod budget;
 pub mod ledger;
 pub mod meter;

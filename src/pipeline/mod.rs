@@ -47,6 +47,7 @@ pub use crate::conn::ConnInfo;
 use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
 use crate::live::Live;
+use crate::llm::admit::Admission;
 use crate::llm::meter::{Exchange, Meter};
 use crate::lockout::{self, Lockout};
 use crate::path;
@@ -311,10 +312,8 @@ async fn process(
     forward(shared, cfg, conn, ctx, route, &path, req).await
 }
 
-/// SPEC §7 on `llm` routes: the request body (capped by `max_body` already) is read once for its
-/// model and limits; a key's `models` allow-list is applied, and the request admitted against
-/// the budgets with a reservation, before anything is forwarded. Where an allow-list or a budget
-/// applies, a body the gateway cannot read is 400: it cannot meter what it cannot read.
+/// SPEC §7 on `llm` routes: the request body (capped by `max_body` already) is read once, then
+/// admitted by `llm/admit.rs` (allow-list, limits, budgets) before anything is forwarded.
 async fn meter_request(
     shared: &Shared,
     live: &Live,
@@ -323,127 +322,27 @@ async fn meter_request(
     key_index: Option<usize>,
     req: Request<Incoming>,
 ) -> Result<Request<ClientBody>, GatewayError> {
-    let cfg = &live.config;
-    let allowed = key_index.and_then(|k| cfg.keys[k].models.as_deref());
-    let book = shared.budgets.as_ref();
-    let budgeted = book.is_some()
-        && (!cfg.budgets.is_empty() || key_index.is_some_and(|k| !cfg.keys[k].budget.is_empty()));
+    let admission = Admission {
+        live,
+        book: shared.budgets.as_ref(),
+        key_index,
+    };
     let meter = ctx.record.meter.insert(Meter::new(None));
-
-    // A WebSocket handshake (a realtime session) names its model in the query.
     if route.websocket && headers::is_websocket_upgrade(req.headers()) {
-        meter.model = crate::llm::request::model_from_query(req.uri().query())?;
-        if let Some(allowed) = allowed
-            && !meter
-                .model
-                .as_deref()
-                .is_some_and(|m| allowed.iter().any(|p| p.matches(m)))
-        {
-            return Err(GatewayError::ModelNotAllowed);
-        }
-        if let Some(book) = book {
-            let completion = cfg
-                .usage
-                .as_ref()
-                .map_or(1024, |u| u.default_completion_reservation);
-            let own = estimate(live, meter.model.as_deref(), 0, Some(completion), 1);
-            meter.reservation = Some(reserve(book, live, key_index, own)?);
-        }
-        meter.admitted = true;
+        admission.handshake(meter, req.uri().query())?;
         return Ok(req.map(ClientBody::Streaming));
     }
     if http_body::Body::is_end_stream(req.body()) {
-        // No body (a GET of the model list): nothing to read, nothing reserved; still refused
-        // once a cap is spent.
-        if let Some(book) = book {
-            meter.reservation = Some(reserve(book, live, key_index, Default::default())?);
-        }
-        meter.admitted = true;
+        admission.bodiless(meter)?;
         return Ok(req.map(ClientBody::Streaming));
     }
     let (mut parts, incoming) = req.into_parts();
     let bytes = read_body(incoming, route, live, ctx).await?;
     let meter = ctx.record.meter.get_or_insert_with(|| Meter::new(None));
-    let Some(parsed) = crate::llm::request::parse(&bytes) else {
-        if allowed.is_some() || budgeted {
-            return Err(GatewayError::BadRequest);
-        }
-        meter.admitted = true;
-        return Ok(Request::from_parts(parts, ClientBody::Buffered(bytes)));
-    };
-    let ins = &parsed.inspected;
-    meter.model = ins.model.clone();
-    if let Some(allowed) = allowed {
-        crate::llm::request::check_models(allowed, ins)?;
-    }
-    if let Some(book) = book {
-        if budgeted && ins.bad_limit.is_some() {
-            return Err(GatewayError::BadRequest);
-        }
-        let own = estimate(
-            live,
-            ins.model.as_deref(),
-            bytes.len(),
-            ins.completion_limit,
-            ins.choices,
-        );
-        meter.reservation = Some(reserve(book, live, key_index, own)?);
-    }
-    let mut body = bytes;
-    if cfg.usage.as_ref().is_some_and(|u| u.inject_stream_usage)
-        && let Some(rewritten) = parsed.inject_include_usage()
-    {
-        body = bytes::Bytes::from(rewritten);
-        meter.injected = true;
-    }
-    meter.admitted = true;
+    let body = admission.body(meter, bytes)?;
     // The body is sent whole; its length is the gateway's to state, not the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
     Ok(Request::from_parts(parts, ClientBody::Buffered(body)))
-}
-
-/// SPEC §7 "Reservations": a prompt estimate of a token per four body bytes, plus the most
-/// completion tokens a choice may have (else `default_completion_reservation`) times the choices
-/// asked for (the prompt is billed once, each choice's completion separately), priced by the
-/// request's model or the fallback price.
-fn estimate(
-    live: &Live,
-    model: Option<&str>,
-    body_len: usize,
-    completion_limit: Option<u64>,
-    choices: u64,
-) -> crate::llm::budget::Amount {
-    let usage = live.config.usage.as_ref();
-    let prompt = body_len.div_ceil(4) as f64;
-    let default = usage.map_or(1024, |u| u.default_completion_reservation);
-    let completion = completion_limit.unwrap_or(default).saturating_mul(choices) as f64;
-    let cost = usage
-        .and_then(|u| u.price(model, None))
-        .map_or(0.0, |p| p.cost(prompt, completion));
-    crate::llm::budget::Amount {
-        tokens: prompt + completion,
-        cost,
-    }
-}
-
-/// SPEC §7 "Reservations": admits an `llm` request that would reserve `own` against its key's
-/// and the gateway's caps, or refuses it with 429 `budget_exceeded`.
-fn reserve(
-    book: &Arc<crate::llm::budget::Book>,
-    live: &Live,
-    key_index: Option<usize>,
-    own: crate::llm::budget::Amount,
-) -> Result<crate::llm::budget::Reservation, GatewayError> {
-    use crate::llm::budget::Applies;
-    let cfg = &live.config;
-    let applies = Applies {
-        key: key_index.map(|k| live.key_ids[k].clone()),
-        // Shared slices: a refcount each, no copy of the caps per request.
-        key_caps: key_index.map_or_else(|| Arc::from([]), |k| cfg.keys[k].budget.clone()),
-        gateway_caps: cfg.budgets.clone(),
-    };
-    book.admit(applies, own, crate::clock::now_secs())
-        .map_err(|retry_after| GatewayError::BudgetExceeded { retry_after })
 }
 
 /// A request body as it is forwarded: streamed as it arrives, or already read (LLM inspection).

@@ -1,0 +1,164 @@
+//! Admitting an `llm` request (SPEC §7 "Requests", "Reservations"): a key's `models` allow-list
+//! (OpenRouter's fallback `models` entry by entry; a WebSocket handshake's `model` parameter),
+//! the limit fields, and a reservation against the key's and the gateway's budgets — all before
+//! anything is forwarded. Where an allow-list or a budget applies, a body the gateway cannot read
+//! is 400: it cannot meter what it cannot read.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::budget::{Amount, Applies, Book, Reservation};
+use super::meter::Meter;
+use super::request::{self, ModelPattern};
+use crate::error::GatewayError;
+use crate::live::Live;
+
+/// One request's admission: the config it runs under, the budget book, and its key.
+pub struct Admission<'a> {
+    pub live: &'a Live,
+    pub book: Option<&'a Arc<Book>>,
+    pub key_index: Option<usize>,
+}
+
+impl Admission<'_> {
+    fn allowed(&self) -> Option<&[ModelPattern]> {
+        let cfg = &self.live.config;
+        self.key_index.and_then(|k| cfg.keys[k].models.as_deref())
+    }
+
+    /// Whether any cap applies to this request (its key's, or the gateway's).
+    fn budgeted(&self) -> bool {
+        let cfg = &self.live.config;
+        self.book.is_some()
+            && (!cfg.budgets.is_empty()
+                || self
+                    .key_index
+                    .is_some_and(|k| !cfg.keys[k].budget.is_empty()))
+    }
+
+    fn default_completion(&self) -> u64 {
+        self.live
+            .config
+            .usage
+            .as_ref()
+            .map_or(1024, |u| u.default_completion_reservation)
+    }
+
+    /// A WebSocket handshake (a realtime session): its model is the `model` query parameter; it
+    /// reserves `default_completion_reservation`.
+    pub fn handshake(&self, meter: &mut Meter, query: Option<&str>) -> Result<(), GatewayError> {
+        meter.model = request::model_from_query(query)?;
+        if let Some(allowed) = self.allowed()
+            && !meter
+                .model
+                .as_deref()
+                .is_some_and(|m| allowed.iter().any(|p| p.matches(m)))
+        {
+            return Err(GatewayError::ModelNotAllowed);
+        }
+        let own = self.estimate(
+            meter.model.as_deref(),
+            0,
+            Some(self.default_completion()),
+            1,
+        );
+        self.reserve(meter, own)?;
+        meter.admitted = true;
+        Ok(())
+    }
+
+    /// A request without a body (a GET of the model list): nothing to read, nothing reserved;
+    /// still refused once a cap is spent.
+    pub fn bodiless(&self, meter: &mut Meter) -> Result<(), GatewayError> {
+        self.reserve(meter, Amount::default())?;
+        meter.admitted = true;
+        Ok(())
+    }
+
+    /// A request with a body, read once: returns the body to forward (with
+    /// `stream_options.include_usage` added where `inject_stream_usage` asks for it).
+    pub fn body(&self, meter: &mut Meter, bytes: Bytes) -> Result<Bytes, GatewayError> {
+        let Some(parsed) = request::parse(&bytes) else {
+            if self.allowed().is_some() || self.budgeted() {
+                return Err(GatewayError::BadRequest);
+            }
+            meter.admitted = true;
+            return Ok(bytes);
+        };
+        let ins = &parsed.inspected;
+        meter.model = ins.model.clone();
+        if let Some(allowed) = self.allowed() {
+            request::check_models(allowed, ins)?;
+        }
+        if self.budgeted() && ins.bad_limit.is_some() {
+            return Err(GatewayError::BadRequest);
+        }
+        let own = self.estimate(
+            ins.model.as_deref(),
+            bytes.len(),
+            ins.completion_limit,
+            ins.choices,
+        );
+        self.reserve(meter, own)?;
+        meter.admitted = true;
+        let inject = self
+            .live
+            .config
+            .usage
+            .as_ref()
+            .is_some_and(|u| u.inject_stream_usage);
+        if inject && let Some(rewritten) = parsed.inject_include_usage() {
+            meter.injected = true;
+            return Ok(Bytes::from(rewritten));
+        }
+        Ok(bytes)
+    }
+
+    /// SPEC §7 "Reservations": a prompt estimate of a token per four body bytes, plus the most
+    /// completion tokens a choice may have (else `default_completion_reservation`) times the
+    /// choices asked for (the prompt is billed once, each choice's completion separately), priced
+    /// by the request's model or the fallback price.
+    fn estimate(
+        &self,
+        model: Option<&str>,
+        body_len: usize,
+        completion_limit: Option<u64>,
+        choices: u64,
+    ) -> Amount {
+        let usage = self.live.config.usage.as_ref();
+        let prompt = body_len.div_ceil(4) as f64;
+        let completion = completion_limit
+            .unwrap_or(self.default_completion())
+            .saturating_mul(choices) as f64;
+        let cost = usage
+            .and_then(|u| u.price(model, None))
+            .map_or(0.0, |p| p.cost(prompt, completion));
+        Amount {
+            tokens: prompt + completion,
+            cost,
+        }
+    }
+
+    /// Admits a request that would reserve `own` against its key's and the gateway's caps (with
+    /// budgets configured), or refuses it with 429 `budget_exceeded`.
+    fn reserve(&self, meter: &mut Meter, own: Amount) -> Result<(), GatewayError> {
+        let Some(book) = self.book else {
+            return Ok(());
+        };
+        let (live, cfg) = (self.live, &self.live.config);
+        let applies = Applies {
+            key: self.key_index.map(|k| live.key_ids[k].clone()),
+            // Shared slices: a refcount each, no copy of the caps per request.
+            key_caps: self
+                .key_index
+                .map_or_else(|| Arc::from([]), |k| cfg.keys[k].budget.clone()),
+            gateway_caps: cfg.budgets.clone(),
+        };
+        let reservation: Reservation = book
+            .admit(applies, own, crate::clock::now_secs())
+            .map_err(|retry_after| GatewayError::BudgetExceeded { retry_after })?;
+        meter.reservation = Some(reservation);
+        Ok(())
+    }
+}
