@@ -1,0 +1,239 @@
+//! Steps 4–8 of the pipeline (SPEC §3), one function each, in the order `process` calls them.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+
+use super::target::{check_ip_lists, check_target};
+use super::{Ctx, Shared};
+use crate::auth;
+use crate::client_ip;
+use crate::config::runtime::{AuthMode, Route};
+use crate::conn::ConnInfo;
+use crate::cors::{self, Verdict};
+use crate::error::GatewayError;
+use crate::live::Live;
+use crate::lockout;
+use crate::path;
+use crate::proxy::body::ResponseBody;
+use crate::rate_limit::{Allowed, Subject};
+use crate::route::{self, Match};
+
+/// What step 4 found.
+pub(super) struct Routed<'a> {
+    pub route: &'a Route,
+    /// The normalized path: what routing decided on, and what the upstream receives.
+    pub path: String,
+    /// A CORS preflight (routed by the method it asks about).
+    pub preflight: bool,
+}
+
+/// Step 4: the request target (SPEC §3.1, §3.4 "Targets"), the normalized path, the route. A
+/// preflight is routed by the method it asks about, so a POST-only route still gets its
+/// preflight answered.
+pub(super) fn route<'l>(
+    live: &'l Live,
+    ctx: &mut Ctx,
+    req: &Request<Incoming>,
+) -> Result<Routed<'l>, GatewayError> {
+    let cfg = &live.config;
+    let host = check_target(req, cfg.server.max_header_bytes)?;
+    let path = path::normalize(req.uri().path()).map_err(|why| {
+        tracing::debug!(%why, "refused path");
+        GatewayError::BadRequest
+    })?;
+    if let Some(q) = req.uri().query()
+        && !path::query_is_acceptable(q)
+    {
+        return Err(GatewayError::BadRequest);
+    }
+    let preflight = cors::is_preflight(req.method(), req.headers());
+    let routed_method = if preflight {
+        req.headers()
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .ok_or(GatewayError::BadRequest)?
+    } else {
+        req.method().clone()
+    };
+    match route::find(&cfg.routes, host.as_deref(), &routed_method, &path) {
+        Match::Found(r) => {
+            ctx.record
+                .set_route(&r.name, live.route_metrics[r.index].clone());
+            Ok(Routed {
+                route: r,
+                path,
+                preflight,
+            })
+        }
+        Match::MethodNotAllowed(r) => {
+            ctx.record
+                .set_route(&r.name, live.route_metrics[r.index].clone());
+            Err(GatewayError::MethodNotAllowed)
+        }
+        Match::NoRoute => Err(GatewayError::NoRoute),
+    }
+}
+
+/// Step 5: IP allow/deny (deny wins), lockout, then the route's per-IP limit — before the key
+/// check, as nginx limits in its preaccess phase: a flood without a key is limited too, instead
+/// of costing a key lookup and an audit line each (CORS preflights count). Returns the client's
+/// limit identity (IPv6 by /64).
+pub(super) fn admit_client(
+    shared: &Shared,
+    live: &Live,
+    ctx: &mut Ctx,
+    route: &Route,
+) -> Result<IpAddr, GatewayError> {
+    check_ip_lists(route, ctx.client_ip)?;
+    let who = client_ip::limit_key(ctx.client_ip);
+    shared
+        .lockout
+        .check(who, Instant::now())
+        .map_err(|left| GatewayError::LockedOut { retry_after: left })?;
+    if let Some(l) = &live.route_ip[route.index] {
+        limit(ctx, l, &Subject::Ip(who))
+            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
+    }
+    Ok(who)
+}
+
+/// Step 6: CORS, checked against the Host the browser used, so same-origin always passes. A
+/// preflight is answered here (`Some`); a foreign Origin is refused.
+pub(super) fn cors(
+    live: &Live,
+    conn: ConnInfo,
+    ctx: &mut Ctx,
+    req: &Request<Incoming>,
+    preflight: bool,
+) -> Result<Option<Response<ResponseBody>>, GatewayError> {
+    let cfg = &live.config;
+    let raw_host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+    match cors::check(
+        cfg.cors.as_ref(),
+        req.headers(),
+        conn.tls,
+        raw_host.as_deref(),
+        |h| cfg.routes.iter().any(|r| r.host.as_deref() == Some(h)),
+    ) {
+        Verdict::Refused => Err(GatewayError::OriginNotAllowed),
+        Verdict::Allowed(origin) if preflight => {
+            Ok(Some(cors::preflight(cfg.cors.as_ref(), origin)))
+        }
+        Verdict::NotCors if preflight => Ok(Some(cors::preflight(
+            None,
+            HeaderValue::from_static("null"),
+        ))),
+        Verdict::Allowed(origin) => {
+            ctx.cors_origin = Some(origin);
+            Ok(None)
+        }
+        Verdict::NotCors => Ok(None),
+    }
+}
+
+/// Step 7: the API key on routes that ask for one, then its scope and expiry. Invalid and
+/// expired keys count towards the client's lockout. Returns the key's index in the config.
+pub(super) fn authenticate(
+    shared: &Shared,
+    live: &Live,
+    ctx: &mut Ctx,
+    route: &Route,
+    who: IpAddr,
+    req: &Request<Incoming>,
+) -> Result<Option<usize>, GatewayError> {
+    if route.auth != AuthMode::Key {
+        return Ok(None);
+    }
+    let cfg = &live.config;
+    let presented = auth::extract(req.headers(), req.uri().query(), &cfg.auth);
+    match live.keys.check(
+        &cfg.keys,
+        presented,
+        &route.name,
+        std::time::SystemTime::now(),
+    ) {
+        Ok(a) => {
+            ctx.record.set_key(&cfg.keys[a.index].id);
+            Ok(Some(a.index))
+        }
+        Err((err, known, counts)) => {
+            if let Some(i) = known {
+                ctx.record.set_key(&cfg.keys[i].id);
+            }
+            crate::metrics::auth_failure(err.code());
+            if counts && let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
+                emit_lockout(shared, ctx.client_ip, lock);
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Step 8: the per-key limit (the key's own, else the route's, else the default).
+pub(super) fn limit_key(
+    live: &Live,
+    ctx: &mut Ctx,
+    route: &Route,
+    key_index: Option<usize>,
+) -> Result<(), GatewayError> {
+    if let Some(k) = key_index
+        && let Some(l) = live.per_key_limiter(k, route.index)
+    {
+        limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))
+            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
+    }
+    Ok(())
+}
+
+/// Applies one limiter; remembers the tightest one for the `RateLimit` headers.
+fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result<(), GatewayError> {
+    match l.check(who) {
+        Ok(a) => {
+            // Time until the bucket is full again: one emission interval per used cell.
+            let reset = l.window() / l.limit() * (a.limit - a.remaining);
+            if ctx
+                .rate
+                .is_none_or(|(prev, _)| a.remaining < prev.remaining)
+            {
+                ctx.rate = Some((a, reset));
+            }
+            Ok(())
+        }
+        Err(wait) => {
+            let a = Allowed {
+                limit: l.limit(),
+                remaining: 0,
+                window: l.window(),
+            };
+            ctx.rate = Some((a, wait));
+            Err(GatewayError::RateLimited { retry_after: wait })
+        }
+    }
+}
+
+fn emit_lockout(shared: &Shared, ip: IpAddr, lock: lockout::LockedOut) {
+    #[derive(serde::Serialize)]
+    struct Lockout {
+        ts: String,
+        event: &'static str,
+        client_ip: IpAddr,
+        failures: u32,
+        until: String,
+    }
+    shared.audit.emit(&Lockout {
+        ts: crate::clock::now_rfc3339(),
+        event: "lockout",
+        client_ip: ip,
+        failures: lock.failures,
+        until: humantime::format_rfc3339_seconds(lock.until).to_string(),
+    });
+}
