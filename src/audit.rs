@@ -104,13 +104,15 @@ impl Audit {
     /// behind). Nothing is held afterwards: a request takes its place in the queue only when its
     /// record is ready (SPEC §3.4 "Slow readers"), so a client that stalls, or an upstream that
     /// never answers, cannot pin a queue slot for its whole life.
-    /// True when it had to wait.
-    pub async fn wait_for_room(&self) -> bool {
-        if self.tx.capacity() > 0 {
-            return false;
+    pub async fn wait_for_room(&self) {
+        if self.is_full() {
+            drop(self.tx.reserve().await);
         }
-        drop(self.tx.reserve().await);
-        true
+    }
+
+    /// The queue is full: the writer is behind.
+    pub fn is_full(&self) -> bool {
+        self.tx.capacity() == 0
     }
 
     /// Waits until everything queued so far is written, overflow included.

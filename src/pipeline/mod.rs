@@ -125,8 +125,10 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, std::convert::Infallible> {
     // Backpressure: while the audit writer is behind, new requests wait here (nothing is held
     // afterwards; the record takes its place in the queue when it is written).
-    if shared.audit.wait_for_room().await {
+    if shared.audit.is_full() {
+        // Counted as the wait begins, so a stuck output shows while it is stuck.
         crate::metrics::audit_backpressure();
+        shared.audit.wait_for_room().await;
     }
     let live = shared.live.load_full();
     let start = Instant::now();
