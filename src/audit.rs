@@ -167,6 +167,12 @@ fn writer(out: Box<dyn std::io::Write + Send>, mut rx: mpsc::Receiver<Msg>) {
     let _ = out.flush();
 }
 
+// ---------------------------------------------------------------- the events (SPEC §4, §7)
+//
+// Every audit event has its type here, so the log's vocabulary is in one place. The `request`
+// record is `pipeline/record.rs`'s, which alone knows how a request ended.
+
+/// `startup`: the version, the real bound addresses, the routes and the key count.
 #[derive(Serialize)]
 pub struct Startup<'a> {
     pub ts: String,
@@ -179,8 +185,41 @@ pub struct Startup<'a> {
     pub key_count: usize,
 }
 
+/// An event with no fields of its own: `shutdown`.
 #[derive(Serialize)]
 pub struct Simple {
     pub ts: String,
     pub event: &'static str,
+}
+
+/// `reload`: `ok`, or `failed` with the reason (the old config keeps serving).
+#[derive(Serialize)]
+pub struct Reload<'a> {
+    pub ts: String,
+    pub event: &'static str,
+    pub result: &'static str,
+    pub reason: Option<&'a str>,
+}
+
+/// `lockout`: a client IP locked out after `failures` failed key checks, until `until`.
+#[derive(Serialize)]
+pub struct Lockout {
+    pub ts: String,
+    pub event: &'static str,
+    pub client_ip: std::net::IpAddr,
+    pub failures: u32,
+    pub until: String,
+}
+
+/// `budget` (SPEC §7): a charge carried a cap's spend across 80 % or 100 %.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct BudgetEvent {
+    pub ts: String,
+    pub event: &'static str,
+    pub key_id: Option<String>,
+    pub period: &'static str,
+    pub unit: &'static str,
+    pub spent: f64,
+    pub limit: f64,
+    pub threshold: u8,
 }

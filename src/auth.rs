@@ -107,7 +107,11 @@ pub struct Authenticated {
 impl KeyStore {
     pub fn new(keys: &[Key]) -> KeyStore {
         KeyStore {
-            by_digest: keys.iter().enumerate().map(|(i, k)| (k.hash, i)).collect(),
+            by_digest: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.hash.0, i))
+                .collect(),
         }
     }
 
@@ -127,7 +131,7 @@ impl KeyStore {
         };
         let digest = keys::digest(key.as_bytes());
         let index = match self.by_digest.get(&digest) {
-            Some(&i) if bool::from(keys[i].hash.ct_eq(&digest)) => i,
+            Some(&i) if bool::from(keys[i].hash.0.ct_eq(&digest)) => i,
             _ => return Err((GatewayError::InvalidApiKey, None, true)),
         };
         let k = &keys[index];

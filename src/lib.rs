@@ -45,10 +45,25 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Why the gateway could not start. Printed to stderr; the process exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The config file: file, line, key path and what is wrong.
     #[error("{0}")]
     Config(#[from] config::ConfigError),
+    /// A certificate or key file of `[tls]` (the message names the file).
     #[error("{0}")]
-    Other(String),
+    Tls(String),
+    /// The usage ledger: not a portcullis ledger, from a newer version, unreadable.
+    #[error("{0}")]
+    Ledger(String),
+    /// A listener could not be bound (`what`: the config key and address).
+    #[error("{what}: cannot listen: {error}")]
+    Listen { what: String, error: std::io::Error },
+    #[error("audit.output: cannot open: {0}")]
+    Audit(std::io::Error),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// A reload that changes what only a restart can change.
+    #[error("{0} needs a restart")]
+    NeedsRestart(&'static str),
 }
 
 /// Loads and fully validates a config: the file, env secrets and the TLS files.
@@ -59,13 +74,13 @@ pub fn load_checked(
     let cfg = config::load(path, env)?;
     // A ledger that `run` would refuse fails `check` too (without creating or changing it).
     if let Some(db) = cfg.usage.as_ref().and_then(|u| u.database.as_deref()) {
-        llm::ledger::verify(db).map_err(StartError::Other)?;
+        llm::ledger::verify(db).map_err(StartError::Ledger)?;
     }
     let tls = match &cfg.tls {
         None => None,
         Some(files) => Some(
             tls::server_config(files)
-                .map_err(|m| StartError::Other(format!("{}: {m}", path.display())))?,
+                .map_err(|m| StartError::Tls(format!("{}: {m}", path.display())))?,
         ),
     };
     Ok((cfg, tls))
@@ -86,14 +101,13 @@ fn build_serve(
             ledger,
             budgets,
             lockout: lockout::Lockout::new(limiters.store_arc()),
-            live: ArcSwap::from_pointee(live::Live::build(cfg, &limiters)),
+            live: ArcSwap::from_pointee(live::Live::build(cfg, tls, &limiters)),
             limiters,
             forwarder: proxy::Forwarder::new(),
             audit,
             tunnels: TaskTracker::new(),
             cut: CancellationToken::new(),
         }),
-        tls: tls.map(|t| Arc::new(ArcSwap::new(t))),
         per_ip: Arc::default(),
         shutdown,
         connections: TaskTracker::new(),
@@ -109,11 +123,9 @@ fn build_serve(
 pub async fn embedded(cfg: Config) -> Result<Arc<server::Serve>, StartError> {
     let tls = match &cfg.tls {
         None => None,
-        Some(files) => Some(tls::server_config(files).map_err(StartError::Other)?),
+        Some(files) => Some(tls::server_config(files).map_err(StartError::Tls)?),
     };
-    let audit = Audit::start(&cfg.audit)
-        .await
-        .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
+    let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
     Ok(build_serve(
         cfg,
         tls,
@@ -133,16 +145,21 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let signals = install_signals()?;
     let listeners = server::bind(&cfg.server.listen)
         .await
-        .map_err(StartError::Other)?;
+        .map_err(|(a, error)| StartError::Listen {
+            what: format!("server.listen {a}"),
+            error,
+        })?;
     let admin_listener = match &cfg.admin {
         None => None,
         Some(a) => {
-            let l = tokio::net::TcpListener::bind(a.listen).await.map_err(|e| {
-                StartError::Other(format!("admin.listen: cannot listen on {}: {e}", a.listen))
-            })?;
-            let addr = l
-                .local_addr()
-                .map_err(|e| StartError::Other(format!("admin.listen: {e}")))?;
+            let listen_err = |error| StartError::Listen {
+                what: format!("admin.listen {}", a.listen),
+                error,
+            };
+            let l = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .map_err(listen_err)?;
+            let addr = l.local_addr().map_err(listen_err)?;
             Some((l, addr))
         }
     };
@@ -154,10 +171,10 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     {
         None => (None, None),
         Some((path, retention)) => {
-            let conn = llm::ledger::open(&path).map_err(StartError::Other)?;
+            let conn = llm::ledger::open(&path).map_err(StartError::Ledger)?;
             let now = clock::now_secs();
             let totals = llm::ledger::period_totals(&conn, now).map_err(|e| {
-                StartError::Other(format!("usage.database {}: {e}", path.display()))
+                StartError::Ledger(format!("usage.database {}: {e}", path.display()))
             })?;
             let book = Arc::new(llm::budget::Book::rebuild(&totals, now));
             (
@@ -173,9 +190,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             None
         }
     };
-    let audit = Audit::start(&cfg.audit)
-        .await
-        .map_err(|e| StartError::Other(format!("audit.output: cannot open: {e}")))?;
+    let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
     if let Some(a) = &cfg.admin
         && a.token.is_none()
         && !a.listen.ip().is_loopback()
@@ -224,7 +239,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             event: "startup",
             version: VERSION,
             listeners: addrs.clone(),
-            tls: serve.tls.is_some(),
+            tls: serve.shared.live.load().tls.is_some(),
             admin: admin_addr,
             routes: cfg.routes.iter().map(|r| r.name.as_str()).collect(),
             key_count: cfg.keys.len(),
@@ -289,7 +304,7 @@ pub struct Signals {
 #[cfg(unix)]
 fn install_signals() -> Result<Signals, StartError> {
     use tokio::signal::unix::{SignalKind, signal};
-    let err = |e: std::io::Error| StartError::Other(format!("cannot install signal handlers: {e}"));
+    let err = StartError::Signals;
     Ok(Signals {
         term: signal(SignalKind::terminate()).map_err(err)?,
         int: signal(SignalKind::interrupt()).map_err(err)?,
@@ -323,13 +338,6 @@ async fn wait_for_shutdown(_s: Signals, _serve: &server::Serve, _path: &Path, _e
 
 /// SIGHUP: load and validate off to the side, then swap; on error keep serving the old config.
 fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
-    #[derive(serde::Serialize)]
-    struct Reload<'a> {
-        ts: String,
-        event: &'static str,
-        result: &'static str,
-        reason: Option<&'a str>,
-    }
     systemd::reloading();
     let result = load_checked(path, env).and_then(|(cfg, tls)| {
         let old = serve.shared.live.load();
@@ -339,29 +347,24 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         // The admin listener is bound once; its token is reloadable, its existence is not (a
         // reload that removed [admin] must not leave /metrics open under the old listener).
         if old.config.admin.as_ref().map(|a| a.listen) != cfg.admin.as_ref().map(|a| a.listen) {
-            return Err(StartError::Other(
-                "adding or removing [admin], or changing admin.listen, needs a restart".into(),
+            return Err(StartError::NeedsRestart(
+                "adding or removing [admin], or changing admin.listen,",
             ));
         }
         let db = |c: &Config| c.usage.as_ref().and_then(|u| u.database.clone());
         if db(&old.config) != db(&cfg) {
-            return Err(StartError::Other(
-                "changing usage.database needs a restart".into(),
-            ));
+            return Err(StartError::NeedsRestart("changing usage.database"));
         }
-        match (&serve.tls, tls) {
-            (Some(cur), Some(new)) => cur.store(new),
-            (None, None) => {}
-            _ => {
-                return Err(StartError::Other(
-                    "adding or removing [tls] needs a restart".into(),
-                ));
-            }
+        // Listeners speak TLS or not from startup; the certificates themselves are re-read.
+        if old.tls.is_some() != tls.is_some() {
+            return Err(StartError::NeedsRestart("adding or removing [tls]"));
         }
-        serve
-            .shared
-            .live
-            .store(Arc::new(live::Live::build(cfg, &serve.shared.limiters)));
+        // One swap: config, limiters and certificates change together.
+        serve.shared.live.store(Arc::new(live::Live::build(
+            cfg,
+            tls,
+            &serve.shared.limiters,
+        )));
         serve.shared.publish_budgets();
         Ok(())
     });
@@ -371,7 +374,7 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
     };
     metrics::reload(res);
     systemd::ready();
-    serve.shared.audit.emit(&Reload {
+    serve.shared.audit.emit(&audit::Reload {
         ts: clock::now_rfc3339(),
         event: "reload",
         result: res,

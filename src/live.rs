@@ -1,5 +1,5 @@
 //! The live state one request runs under: the config plus what is derived from it (key lookup,
-//! the limiters of each route and key). Swapped as a whole on reload (arc-swap), so a request
+//! the limiters of each route and key, the TLS settings). Swapped as a whole on reload (arc-swap), so a request
 //! that started under one config finishes under it. Limiters come from the long-lived
 //! [`Registry`], so a reload that keeps a limit keeps its clients' state.
 
@@ -24,13 +24,19 @@ pub struct Live {
     pub default_key: Option<Arc<Limiter>>,
     /// Each route's request series (by `Route::index`).
     pub route_metrics: Vec<Arc<crate::metrics::RouteMetrics>>,
+    /// The listeners' TLS settings (certificates re-read at reload), swapped with the config.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `limits.max_buffered_bytes`, one permit a byte: what `llm` request bodies held in memory
     /// may take together. A reload starts a new pool (bodies in flight keep their old permits).
     pub buffered: Arc<tokio::sync::Semaphore>,
 }
 
 impl Live {
-    pub fn build(config: Config, registry: &Registry) -> Live {
+    pub fn build(
+        config: Config,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        registry: &Registry,
+    ) -> Live {
         let mut used = Vec::new();
         let mut get = |id: LimiterId| {
             used.push(id.clone());
@@ -76,6 +82,7 @@ impl Live {
         registry.retain(&used);
         registry.store().resize(config.limits.max_tracked_clients);
         Live {
+            tls,
             buffered: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_buffered_bytes as usize,
             )),

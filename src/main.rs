@@ -43,8 +43,8 @@ enum Command {
         #[arg(long, default_value = "30d")]
         since: String,
         /// Group by key, model or day
-        #[arg(long, default_value = "key")]
-        by: String,
+        #[arg(long, value_enum, default_value = "key")]
+        by: portcullis::llm::ledger::GroupBy,
         /// One JSON object per line instead of a table
         #[arg(long)]
         json: bool,
@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         Command::Check => check(cli.config),
         Command::Keygen { id, routes } => keygen(&id, &routes),
         Command::HashKey => hash_key(),
-        Command::Usage { since, by, json } => usage(cli.config, &since, &by, json),
+        Command::Usage { since, by, json } => usage(cli.config, &since, by, json),
     }
 }
 
@@ -173,11 +173,7 @@ fn check(cli_path: Option<PathBuf>) -> ExitCode {
 }
 
 fn keygen(id: &str, routes: &[String]) -> ExitCode {
-    if id.is_empty()
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !portcullis::keys::is_valid_id(id) {
         eprintln!("portcullis: --id must be letters, digits, '-', '_' or '.'");
         return ExitCode::from(2);
     }
@@ -219,7 +215,12 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn usage(cli_path: Option<PathBuf>, since: &str, by: &str, json: bool) -> ExitCode {
+fn usage(
+    cli_path: Option<PathBuf>,
+    since: &str,
+    by: portcullis::llm::ledger::GroupBy,
+    json: bool,
+) -> ExitCode {
     let env = match env() {
         Ok(e) => e,
         Err(c) => return c,
@@ -251,15 +252,7 @@ fn usage(cli_path: Option<PathBuf>, since: &str, by: &str, json: bool) -> ExitCo
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let field = match by {
-        "key" => "key_id",
-        "model" => "model",
-        "day" => "day",
-        other => {
-            eprintln!("portcullis: --by {other}: expected key, model or day");
-            return ExitCode::from(2);
-        }
-    };
+    let field = by.field();
     let totals = match portcullis::llm::ledger::totals(&db, since_ms, by) {
         Ok(t) => t,
         Err(e) => {

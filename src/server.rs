@@ -15,11 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -42,15 +40,11 @@ pub struct Listeners {
 }
 
 /// Binds every listen address up front, so a taken port fails startup before anything serves.
-pub async fn bind(addrs: &[SocketAddr]) -> Result<Listeners, String> {
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Listeners, (SocketAddr, std::io::Error)> {
     let mut bound = Vec::new();
     for a in addrs {
-        let l = TcpListener::bind(a)
-            .await
-            .map_err(|e| format!("cannot listen on {a}: {e}"))?;
-        let local = l
-            .local_addr()
-            .map_err(|e| format!("cannot listen on {a}: {e}"))?;
+        let l = TcpListener::bind(a).await.map_err(|e| (*a, e))?;
+        let local = l.local_addr().map_err(|e| (*a, e))?;
         bound.push((l, local));
     }
     Ok(Listeners { bound })
@@ -82,7 +76,6 @@ pub struct Serve {
     pub shared: Arc<Shared>,
     /// Open connections by client address (IPv6 by /64), for `limits.max_connections_per_ip`.
     pub per_ip: Arc<PerIp>,
-    pub tls: Option<Arc<ArcSwap<ServerConfig>>>,
     pub shutdown: CancellationToken,
     pub connections: TaskTracker,
     pub semaphore: Arc<Semaphore>,
@@ -177,6 +170,7 @@ where
 {
     let live = serve.shared.live.load_full();
     let cfg = &live.config;
+    let tls = live.tls.clone();
     // One clock from accept: the TLS handshake and the first request head share header_timeout.
     let first_head_deadline = Instant::now() + cfg.server.header_timeout;
     let timers = Timers {
@@ -187,10 +181,10 @@ where
     let builder = builder(&cfg.server);
     drop(live);
     let io_args = (peer, builder, timers, state);
-    match &serve.tls {
+    match tls {
         None => serve_io(serve.clone(), TokioIo::new(stream), false, io_args).await,
         Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             match tokio::time::timeout_at(first_head_deadline, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => serve_io(serve.clone(), TokioIo::new(s), true, io_args).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),

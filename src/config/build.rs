@@ -340,16 +340,7 @@ fn keys(raw: &RawConfig, routes: &[Route], env: &dyn Env) -> Result<Vec<Key>, In
     for (i, k) in raw.keys.iter().enumerate() {
         let p = |f: &str| format!("keys[{i}].{f}");
         let id = k.id.trim();
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(invalid(
-                p("id"),
-                "must be non-empty: letters, digits, '-', '_' or '.'",
-            ));
-        }
+        check_id(id, &p("id"))?;
         if !ids.insert(id.to_owned()) {
             return Err(invalid(p("id"), format!("duplicate key id {id:?}")));
         }
@@ -448,7 +439,9 @@ fn usage(raw: &RawConfig, env: &dyn Env) -> Result<Option<UsageSettings>, Invali
                     .map(|r| r.0)
                     .unwrap_or(Duration::from_secs(90 * 86400)),
                 inject_stream_usage: u.inject_stream_usage,
-                default_completion_reservation: u.default_completion_reservation.unwrap_or(1024),
+                default_completion_reservation: u
+                    .default_completion_reservation
+                    .unwrap_or(crate::llm::DEFAULT_COMPLETION_RESERVATION),
                 prices,
                 fallback_price,
             })
@@ -548,16 +541,7 @@ fn caps(b: &super::schema::RawBudget, at: &str) -> Result<Vec<crate::llm::budget
 fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result<Route, Invalid> {
     let p = |f: &str| format!("routes[{i}].{f}");
     let name = r.name.trim();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(invalid(
-            p("name"),
-            "must be non-empty: letters, digits, '-', '_' or '.'",
-        ));
-    }
+    check_id(name, &p("name"))?;
     if !r.path.starts_with('/') {
         return Err(invalid(
             p("path"),

@@ -120,23 +120,20 @@ pub(super) fn parse_header_name(s: &str, path: &str) -> Result<HeaderName, Inval
         .map_err(|_| invalid(path, format!("invalid header name {s:?}")))
 }
 
-pub(super) fn parse_hash(s: &str, path: &str) -> Result<[u8; 32], Invalid> {
-    let bad = || {
-        invalid(
+pub(super) fn parse_hash(s: &str, path: &str) -> Result<crate::keys::KeyHash, Invalid> {
+    s.parse().map_err(|m: &str| invalid(path, m))
+}
+
+/// A key id or route name (see [`crate::keys::is_valid_id`]).
+pub(super) fn check_id(s: &str, path: &str) -> Result<(), Invalid> {
+    if crate::keys::is_valid_id(s) {
+        Ok(())
+    } else {
+        Err(invalid(
             path,
-            "expected \"sha256:<64 hex digits>\" (the output of `portcullis keygen` or `portcullis hash-key`)",
-        )
-    };
-    let hex = s.strip_prefix("sha256:").ok_or_else(bad)?;
-    if hex.len() != 64 {
-        return Err(bad());
+            "must be non-empty: letters, digits, '-', '_' or '.'",
+        ))
     }
-    let mut out = [0u8; 32];
-    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-        let txt = std::str::from_utf8(chunk).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(txt, 16).map_err(|_| bad())?;
-    }
-    Ok(out)
 }
 
 pub(super) fn host_only(h: &str) -> String {

@@ -149,7 +149,7 @@ pub struct Limits {
 #[derive(Clone)]
 pub struct Key {
     pub id: String,
-    pub hash: [u8; 32],
+    pub hash: crate::keys::KeyHash,
     /// `None`: every route with `auth = "key"`.
     pub routes: Option<Vec<String>>,
     pub per_key: Option<Rate>,

@@ -42,7 +42,9 @@ impl Admission<'_> {
             .config
             .usage
             .as_ref()
-            .map_or(1024, |u| u.default_completion_reservation)
+            .map_or(super::DEFAULT_COMPLETION_RESERVATION, |u| {
+                u.default_completion_reservation
+            })
     }
 
     /// A WebSocket handshake (a realtime session): its model is the `model` query parameter; it

@@ -15,8 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Serialize;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Period {
     Day,
@@ -180,18 +178,7 @@ impl Account {
     }
 }
 
-/// The `budget` audit event (SPEC §7).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BudgetEvent {
-    pub ts: String,
-    pub event: &'static str,
-    pub key_id: Option<String>,
-    pub period: &'static str,
-    pub unit: &'static str,
-    pub spent: f64,
-    pub limit: f64,
-    pub threshold: u8,
-}
+pub use crate::audit::BudgetEvent;
 
 #[derive(Default)]
 pub struct Book {

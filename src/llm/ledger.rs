@@ -251,9 +251,36 @@ pub struct Total {
     pub cost_usd: f64,
 }
 
-/// Totals since `since_ms`, grouped by `by` (`key`, `model` or `day`). Opens the file read-only,
-/// so it works while the gateway writes.
-pub fn totals(path: &Path, since_ms: i64, by: &str) -> Result<Vec<Total>, String> {
+/// How `portcullis usage` groups the ledger's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    Key,
+    Model,
+    Day,
+}
+
+impl GroupBy {
+    /// The group's field in the output (`--json` objects, the table's first column).
+    pub fn field(self) -> &'static str {
+        match self {
+            GroupBy::Key => "key_id",
+            GroupBy::Model => "model",
+            GroupBy::Day => "day",
+        }
+    }
+
+    fn sql(self) -> &'static str {
+        match self {
+            GroupBy::Key => "COALESCE(key_id, '-')",
+            GroupBy::Model => "COALESCE(model, '-')",
+            GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+        }
+    }
+}
+
+/// Totals since `since_ms`, grouped `by` key, model or day. Opens the file read-only, so it works
+/// while the gateway writes.
+pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, String> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| err(path, e))?;
     let app: i64 = conn
@@ -262,12 +289,7 @@ pub fn totals(path: &Path, since_ms: i64, by: &str) -> Result<Vec<Total>, String
     if app != APPLICATION_ID {
         return Err(err(path, "is not a portcullis usage ledger"));
     }
-    let group = match by {
-        "key" => "COALESCE(key_id, '-')",
-        "model" => "COALESCE(model, '-')",
-        "day" => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
-        other => return Err(format!("--by {other}: expected key, model or day")),
-    };
+    let group = by.sql();
     let sql = format!(
         "SELECT {group} AS g, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0),
          COALESCE(sum(cost_usd), 0.0) FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY g"

@@ -13,3 +13,7 @@ pub mod meter;
 pub mod request;
 pub mod sse;
 pub mod usage;
+
+/// Completion tokens a request that names no limit reserves against budgets
+/// (`usage.default_completion_reservation`).
+pub const DEFAULT_COMPLETION_RESERVATION: u64 = 1024;

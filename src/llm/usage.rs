@@ -225,11 +225,7 @@ pin_project_lite::pin_project! {
         mode: Mode,
         found: Reported,
         slot: UsageSlot,
-        strip: bool,
-        // strip only: bytes of the event not yet complete; and when the last block ended in CR,
-        // whether an LF right after it (the rest of its CRLF) is to be emitted or dropped with it.
-        pending: Vec<u8>,
-        carry: Option<bool>,
+        strip: Option<Stripper>,
     }
 }
 
@@ -244,15 +240,13 @@ impl<B> UsageTap<B> {
             },
             found: Reported::default(),
             slot,
-            strip: false,
-            pending: Vec::new(),
-            carry: None,
+            strip: None,
         }
     }
 
     /// Leaves out the usage-only event (for streams where the gateway injected include_usage).
     pub fn strip_usage_event(mut self) -> Self {
-        self.strip = true;
+        self.strip = Some(Stripper::default());
         self
     }
 }
@@ -271,6 +265,83 @@ fn finish(mode: &mut Mode, found: &mut Reported, slot: &UsageSlot) {
     }
 }
 
+/// Notes one complete event's usage, if it carries one; true when it is the usage-only event.
+fn note_event(found: &mut Reported, event: &[u8]) -> bool {
+    // Cheap pre-check: most events carry no usage at all.
+    if memchr::memmem::find(event, b"\"usage\"").is_none() {
+        return false;
+    }
+    match serde_json::from_slice::<serde_json::Value>(event) {
+        Ok(v) => {
+            found.note(&v);
+            is_usage_only(&v)
+        }
+        Err(_) => {
+            found.unparsed(event);
+            false
+        }
+    }
+}
+
+/// Leaves the usage-only event out of a stream (see [`UsageTap::strip_usage_event`]): each block
+/// up to a blank line is passed on as soon as it is complete, and only that one is dropped.
+#[derive(Default)]
+struct Stripper {
+    /// Bytes of the event not yet complete.
+    pending: Vec<u8>,
+    /// When the last block ended in CR: whether an LF right after it (the rest of its CRLF) is
+    /// to be emitted or dropped with it.
+    carry: Option<bool>,
+}
+
+impl Stripper {
+    /// What of `data` can go to the client now.
+    fn filter(&mut self, scanner: &mut Scanner, found: &mut Reported, data: &[u8]) -> Vec<u8> {
+        let mut emit = Vec::with_capacity(data.len() + self.pending.len());
+        let mut ends = Vec::new();
+        scanner.feed_blocks(data, |event, end| {
+            let drop_it = event.is_some_and(|e| note_event(found, e));
+            ends.push((end, drop_it));
+        });
+        let mut start = 0;
+        for (end, drop_it) in ends {
+            let mut block = &data[start..end];
+            self.settle_lf(&mut block, &mut emit);
+            if drop_it {
+                self.pending.clear();
+            } else {
+                emit.append(&mut self.pending);
+                emit.extend_from_slice(block);
+            }
+            self.carry = (data[end - 1] == b'\r').then_some(!drop_it);
+            start = end;
+        }
+        let mut rest = &data[start..];
+        if !rest.is_empty() {
+            self.settle_lf(&mut rest, &mut emit);
+        }
+        self.pending.extend_from_slice(rest);
+        // Bound the held-back bytes: an event this large passes on unfiltered.
+        if self.pending.len() > MAX_PARSED {
+            emit.append(&mut self.pending);
+        }
+        emit
+    }
+
+    /// The LF finishing a CRLF that ended the previous block belongs to that block.
+    fn settle_lf(&mut self, block: &mut &[u8], emit: &mut Vec<u8>) {
+        if self.pending.is_empty()
+            && let Some(keep) = self.carry.take()
+            && block.first() == Some(&b'\n')
+        {
+            if keep {
+                emit.push(b'\n');
+            }
+            *block = &block[1..];
+        }
+    }
+}
+
 impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
     type Data = Bytes;
     type Error = B::Error;
@@ -282,14 +353,15 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
         let this = self.project();
         let mut inner = this.inner;
         loop {
-            let r = inner.as_mut().poll_frame(cx);
-            let frame = match r {
+            let frame = match inner.as_mut().poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(None) => {
                     finish(this.mode, this.found, this.slot);
-                    if !this.pending.is_empty() {
+                    if let Some(s) = this.strip
+                        && !s.pending.is_empty()
+                    {
                         // An unterminated last event: pass it on as it came.
-                        let rest = std::mem::take(this.pending);
+                        let rest = std::mem::take(&mut s.pending);
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
                     }
                     return Poll::Ready(None);
@@ -303,77 +375,11 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
             match this.mode {
                 Mode::Sse(scanner) => {
                     let before = this.found.reading;
-                    let found = &mut *this.found;
-                    if *this.strip {
-                        let pending = &mut *this.pending;
-                        let carry = &mut *this.carry;
-                        let mut emit = Vec::with_capacity(data.len() + pending.len());
-                        let mut start = 0;
-                        // The LF finishing a CRLF that ended the previous block belongs to it.
-                        fn settle_lf(
-                            carry: &mut Option<bool>,
-                            block: &mut &[u8],
-                            emit: &mut Vec<u8>,
-                            pending: &[u8],
-                        ) {
-                            if pending.is_empty()
-                                && let Some(keep) = carry.take()
-                                && block.first() == Some(&b'\n')
-                            {
-                                if keep {
-                                    emit.push(b'\n');
-                                }
-                                *block = &block[1..];
-                            }
-                        }
-                        let mut ends = Vec::new();
-                        scanner.feed_blocks(data, |event, end| {
-                            let mut drop_it = false;
-                            if let Some(event) = event
-                                && memchr::memmem::find(event, b"\"usage\"").is_some()
-                            {
-                                match serde_json::from_slice::<serde_json::Value>(event) {
-                                    Ok(v) => {
-                                        found.note(&v);
-                                        drop_it = is_usage_only(&v);
-                                    }
-                                    Err(_) => found.unparsed(event),
-                                }
-                            }
-                            ends.push((end, drop_it));
-                        });
-                        for (end, drop_it) in ends {
-                            let mut block = &data[start..end];
-                            settle_lf(carry, &mut block, &mut emit, pending);
-                            if drop_it {
-                                pending.clear();
-                            } else {
-                                emit.append(pending);
-                                emit.extend_from_slice(block);
-                            }
-                            *carry = (data[end - 1] == b'\r').then_some(!drop_it);
-                            start = end;
-                        }
-                        let mut rest = &data[start..];
-                        if !rest.is_empty() {
-                            settle_lf(carry, &mut rest, &mut emit, pending);
-                        }
-                        pending.extend_from_slice(rest);
-                        // Bound the held-back bytes: an event this large passes on unfiltered.
-                        if pending.len() > MAX_PARSED {
-                            emit.append(pending);
-                        }
-                        out = Some(emit);
-                    } else {
-                        scanner.feed(data, |event, _| {
-                            // Cheap pre-check: most events carry no usage at all.
-                            if memchr::memmem::find(event, b"\"usage\"").is_some() {
-                                match serde_json::from_slice::<serde_json::Value>(event) {
-                                    Ok(v) => found.note(&v),
-                                    Err(_) => found.unparsed(event),
-                                }
-                            }
-                        });
+                    match this.strip {
+                        Some(s) => out = Some(s.filter(scanner, this.found, data)),
+                        None => scanner.feed(data, |event, _| {
+                            note_event(this.found, event);
+                        }),
                     }
                     // Published as soon as seen: a stream cut or abandoned after its usage event
                     // is charged that usage, not its reservation.
@@ -397,27 +403,25 @@ impl<B: Body<Data = Bytes>> Body for UsageTap<B> {
             if ended {
                 finish(this.mode, this.found, this.slot);
             }
-            match out {
-                None => return Poll::Ready(Some(Ok(frame))),
-                Some(mut bytes) => {
-                    if ended && !this.pending.is_empty() {
-                        bytes.append(this.pending);
-                    }
-                    if bytes.is_empty() && !ended {
-                        continue;
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
-                }
+            let Some(mut bytes) = out else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            if ended && let Some(s) = this.strip {
+                bytes.append(&mut s.pending);
             }
+            if bytes.is_empty() && !ended {
+                continue;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(bytes)))));
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && self.pending.is_empty()
+        self.inner.is_end_stream() && self.strip.as_ref().is_none_or(|s| s.pending.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.strip {
+        if self.strip.is_some() {
             // The stripped body is shorter than the upstream's: no exact length to promise.
             return SizeHint::default();
         }

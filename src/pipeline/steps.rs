@@ -111,17 +111,11 @@ pub(super) fn cors(
     preflight: bool,
 ) -> Result<Option<Response<ResponseBody>>, GatewayError> {
     let cfg = &live.config;
-    let raw_host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
     match cors::check(
         cfg.cors.as_ref(),
         req.headers(),
         conn.tls,
-        raw_host.as_deref(),
+        crate::proxy::headers::authority(req.headers(), req.uri()),
         |h| cfg.routes.iter().any(|r| r.host.as_deref() == Some(h)),
     ) {
         Verdict::Refused => Err(GatewayError::OriginNotAllowed),
@@ -221,15 +215,7 @@ fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result
 }
 
 fn emit_lockout(shared: &Shared, ip: IpAddr, lock: lockout::LockedOut) {
-    #[derive(serde::Serialize)]
-    struct Lockout {
-        ts: String,
-        event: &'static str,
-        client_ip: IpAddr,
-        failures: u32,
-        until: String,
-    }
-    shared.audit.emit(&Lockout {
+    shared.audit.emit(&crate::audit::Lockout {
         ts: crate::clock::now_rfc3339(),
         event: "lockout",
         client_ip: ip,

@@ -144,6 +144,16 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The authority the client addressed: the `Host` header, else the request target's authority
+/// (HTTP/2's `:authority`). Every step reads it here; step 4 (`check_target`) has already refused
+/// a request whose two disagree, a repeated `Host`, or an HTTP/1.1 absolute-form target.
+pub fn authority<'a>(headers: &'a HeaderMap, uri: &'a http::Uri) -> Option<&'a str> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
+}
+
 /// What [`forwarded`] needs to know about the request beyond its head.
 pub struct Forwarding<'a> {
     /// On `auth = "key"` routes, the headers the client's key may come in (`auth.headers`): the
@@ -167,12 +177,8 @@ pub fn forwarded<'h>(
     upstream_headers: impl IntoIterator<Item = (&'h HeaderName, &'h HeaderValue)>,
 ) {
     // Read what the gateway needs from the client's headers before they are cleaned.
-    let host_value = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host_value =
+        authority(&parts.headers, &parts.uri).and_then(|a| HeaderValue::from_str(a).ok());
     let peer_ip = crate::client_ip::canonical(f.conn.peer.ip());
     let prior_xff = if crate::client_ip::is_trusted(peer_ip, f.trusted_proxies) {
         join_header(&parts.headers, &X_FORWARDED_FOR)
