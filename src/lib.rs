@@ -141,6 +141,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     if env.dotenv_too_open {
         tracing::warn!(".env is readable by group or others; chmod 600 .env");
     }
+    // Everything that can fail is done before anything serves: config, signals, sockets, ledger.
     let (cfg, tls) = load_checked(&path, &env)?;
     let signals = install_signals()?;
     let listeners = server::bind(&cfg.server.listen)
@@ -149,40 +150,8 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
             what: format!("server.listen {a}"),
             error,
         })?;
-    let admin_listener = match &cfg.admin {
-        None => None,
-        Some(a) => {
-            let listen_err = |error| StartError::Listen {
-                what: format!("admin.listen {}", a.listen),
-                error,
-            };
-            let l = tokio::net::TcpListener::bind(a.listen)
-                .await
-                .map_err(listen_err)?;
-            let addr = l.local_addr().map_err(listen_err)?;
-            Some((l, addr))
-        }
-    };
-    // The ledger, and the budget book rebuilt from it: a restart never resets a budget.
-    let (ledger, budgets) = match cfg
-        .usage
-        .as_ref()
-        .and_then(|u| u.database.clone().map(|d| (d, u.retention)))
-    {
-        None => (None, None),
-        Some((path, retention)) => {
-            let conn = llm::ledger::open(&path).map_err(StartError::Ledger)?;
-            let now = clock::now_secs();
-            let totals = llm::ledger::period_totals(&conn, now).map_err(|e| {
-                StartError::Ledger(format!("usage.database {}: {e}", path.display()))
-            })?;
-            let book = Arc::new(llm::budget::Book::rebuild(&totals, now));
-            (
-                Some(llm::ledger::Ledger::start(conn, path, retention)),
-                Some(book),
-            )
-        }
-    };
+    let admin_listener = bind_admin(&cfg).await?;
+    let (ledger, budgets) = open_ledger(&cfg)?;
     let metrics_handle = match metrics::install() {
         Ok(h) => Some(h),
         Err(e) => {
@@ -191,30 +160,17 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         }
     };
     let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
-    if let Some(a) = &cfg.admin
-        && a.token.is_none()
-        && !a.listen.ip().is_loopback()
-    {
-        tracing::warn!(
-            listen = %a.listen,
-            "admin.listen is beyond loopback without admin.token: anyone who reaches it can read /metrics"
-        );
-    }
-    if cfg.server.allow_plaintext_public && cfg.tls.is_none() {
-        tracing::warn!(
-            "server.allow_plaintext_public: API keys will cross the network in clear text"
-        );
-    }
+    warn_about_exposure(&cfg);
 
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
     let grace = cfg.server.shutdown_grace;
     let serve = build_serve(cfg, tls, ledger, budgets, audit.clone(), shutdown.clone());
-
-    let mut accept_tasks = Vec::new();
-    for (l, _) in listeners.bound {
-        accept_tasks.push(tokio::spawn(server::accept_loop(serve.clone(), l)));
-    }
+    let accept_tasks: Vec<_> = listeners
+        .bound
+        .into_iter()
+        .map(|(l, _)| tokio::spawn(server::accept_loop(serve.clone(), l)))
+        .collect();
 
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The admin listener outlives the client listeners: it answers 503 on /readyz while draining.
@@ -231,29 +187,14 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
 
     // Listeners are bound and the config is loaded: ready, before anyone is told we started.
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    {
-        let live = serve.shared.live.load();
-        let cfg = &live.config;
-        audit.emit(&audit::Startup {
-            ts: clock::now_rfc3339(),
-            event: "startup",
-            version: VERSION,
-            listeners: addrs.clone(),
-            tls: serve.shared.live.load().tls.is_some(),
-            admin: admin_addr,
-            routes: cfg.routes.iter().map(|r| r.name.as_str()).collect(),
-            key_count: cfg.keys.len(),
-        });
-        audit.flush().await;
-    }
+    emit_startup(&serve, &audit, &addrs, admin_addr).await;
     tracing::info!(listeners = ?addrs, "portcullis {VERSION} listening");
     systemd::ready();
     let watchdog = tokio::spawn(systemd::watchdog());
 
     wait_for_shutdown(signals, &serve, &path, &env).await;
 
-    // Drain: stop accepting, let in-flight requests and streams finish within the grace period.
-    // /readyz turns 503 first, so a load balancer stops sending before the listeners close.
+    // Drain: /readyz turns 503 first, so a load balancer stops sending before the listeners close.
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
     systemd::stopping();
     watchdog.abort();
@@ -261,25 +202,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     for t in accept_tasks {
         let _ = t.await;
     }
-    serve.shared.tunnels.close();
-    serve.connections.close();
-    let drained = tokio::time::timeout(grace, async {
-        serve.connections.wait().await;
-        serve.shared.tunnels.wait().await;
-    })
-    .await;
-    if drained.is_err() {
-        // Cut what is left, and wait for the cut connections and tunnels to write their records
-        // (SPEC §4: a request cut by shutdown is recorded too).
-        tracing::warn!("shutdown_grace elapsed; closing remaining connections");
-        pipeline::record::cutting_for_shutdown();
-        serve.shared.cut.cancel();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            serve.connections.wait().await;
-            serve.shared.tunnels.wait().await;
-        })
-        .await;
-    }
+    drain(&serve, grace).await;
     if let Some(ledger) = serve.shared.ledger.clone() {
         let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
     }
@@ -290,6 +213,105 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     audit.flush().await;
     admin_stop.cancel();
     Ok(())
+}
+
+/// The admin listener's socket, bound with the client listeners (before anything serves).
+async fn bind_admin(
+    cfg: &Config,
+) -> Result<Option<(tokio::net::TcpListener, std::net::SocketAddr)>, StartError> {
+    let Some(a) = &cfg.admin else {
+        return Ok(None);
+    };
+    let listen_err = |error| StartError::Listen {
+        what: format!("admin.listen {}", a.listen),
+        error,
+    };
+    let l = tokio::net::TcpListener::bind(a.listen)
+        .await
+        .map_err(listen_err)?;
+    let addr = l.local_addr().map_err(listen_err)?;
+    Ok(Some((l, addr)))
+}
+
+/// The ledger's writer and the budget book (both `None` without `usage.database`).
+type LedgerAndBook = (Option<llm::ledger::Ledger>, Option<Arc<llm::budget::Book>>);
+
+/// The usage ledger, and the budget book rebuilt from it: a restart never resets a budget.
+fn open_ledger(cfg: &Config) -> Result<LedgerAndBook, StartError> {
+    let Some((path, retention)) = cfg
+        .usage
+        .as_ref()
+        .and_then(|u| u.database.clone().map(|d| (d, u.retention)))
+    else {
+        return Ok((None, None));
+    };
+    let conn = llm::ledger::open(&path).map_err(StartError::Ledger)?;
+    let now = clock::now_secs();
+    let totals = llm::ledger::period_totals(&conn, now)
+        .map_err(|e| StartError::Ledger(format!("usage.database {}: {e}", path.display())))?;
+    let book = Arc::new(llm::budget::Book::rebuild(&totals, now));
+    Ok((
+        Some(llm::ledger::Ledger::start(conn, path, retention)),
+        Some(book),
+    ))
+}
+
+/// Startup warnings for settings that expose more than an operator may think.
+fn warn_about_exposure(cfg: &Config) {
+    if let Some(a) = &cfg.admin
+        && a.token.is_none()
+        && !a.listen.ip().is_loopback()
+    {
+        tracing::warn!(
+            listen = %a.listen,
+            "admin.listen is beyond loopback without admin.token: anyone who reaches it can read /metrics"
+        );
+    }
+    if cfg.server.allow_plaintext_public && cfg.tls.is_none() {
+        tracing::warn!(
+            "server.allow_plaintext_public: API keys will cross the network in clear text"
+        );
+    }
+}
+
+/// The `startup` event, flushed before the process says it is ready.
+async fn emit_startup(
+    serve: &server::Serve,
+    audit: &Audit,
+    addrs: &[std::net::SocketAddr],
+    admin: Option<std::net::SocketAddr>,
+) {
+    let live = serve.shared.live.load();
+    let cfg = &live.config;
+    audit.emit(&audit::Startup {
+        ts: clock::now_rfc3339(),
+        event: "startup",
+        version: VERSION,
+        listeners: addrs.to_vec(),
+        tls: live.tls.is_some(),
+        admin,
+        routes: cfg.routes.iter().map(|r| r.name.as_str()).collect(),
+        key_count: cfg.keys.len(),
+    });
+    audit.flush().await;
+}
+
+/// In-flight requests, streams and tunnels get `grace` to finish; what is left is then cut, and
+/// the cut connections and tunnels are waited for, so that their records are written (SPEC §4:
+/// a request cut by shutdown is recorded too).
+async fn drain(serve: &server::Serve, grace: std::time::Duration) {
+    serve.shared.tunnels.close();
+    serve.connections.close();
+    let all_done = || async {
+        serve.connections.wait().await;
+        serve.shared.tunnels.wait().await;
+    };
+    if tokio::time::timeout(grace, all_done()).await.is_err() {
+        tracing::warn!("shutdown_grace elapsed; closing remaining connections");
+        pipeline::record::cutting_for_shutdown();
+        serve.shared.cut.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), all_done()).await;
+    }
 }
 
 /// The signals the gateway handles, installed before anything listens: a SIGHUP that arrives
