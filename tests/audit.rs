@@ -244,3 +244,30 @@ async fn audit_waits(metrics_url: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no portcullis_audit_waits_total in:\n{text}")) as u64
 }
+
+#[tokio::test]
+async fn a_huge_user_agent_or_path_makes_a_bounded_record() {
+    let up = upstream().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section("max_header_bytes = \"64KiB\""),
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    // A 30 KB User-Agent, then a 20 KB path.
+    let ua = format!("User-Agent: {}", "u".repeat(30_000));
+    assert_eq!(send(gw.addr, "GET", "/x", &[&ua]).await.0, 200);
+    let long = format!("/{}", "p".repeat(20_000));
+    assert_eq!(send(gw.addr, "GET", &long, &[]).await.0, 200);
+    let recs = gw.wait_requests(2).await;
+    let ua = recs[0]["user_agent"].as_str().unwrap();
+    assert!(ua.len() <= 512 && ua.ends_with('…'), "{} bytes", ua.len());
+    let path = recs[1]["path"].as_str().unwrap();
+    assert!(
+        path.len() <= 2048 && path.ends_with('…'),
+        "{} bytes",
+        path.len()
+    );
+    // The upstream still got the whole path: only the record is bounded.
+    assert_eq!(up.seen()[1].target.len(), long.len());
+}
