@@ -161,6 +161,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     };
     let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
     warn_about_exposure(&cfg);
+    announce_key_expiry(&cfg);
 
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
@@ -256,6 +257,33 @@ fn open_ledger(cfg: &Config) -> Result<LedgerAndBook, StartError> {
     ))
 }
 
+/// At startup and each reload: `portcullis_key_expiry_timestamp_seconds` for every key with
+/// `expires`, and a warning for each key that expires within 7 days or already has — so that a
+/// phone's key does not stop working unannounced.
+fn announce_key_expiry(cfg: &Config) {
+    const SOON: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+    let now = std::time::SystemTime::now();
+    for k in &cfg.keys {
+        let Some(expires) = k.expires else { continue };
+        let at = expires
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        metrics::key_expiry(&k.id, at);
+        let when = humantime::format_rfc3339_seconds(expires).to_string();
+        match expires.duration_since(now) {
+            Err(_) => tracing::warn!(key_id = %k.id, expires = %when, "key has expired"),
+            Ok(left) if left <= SOON => tracing::warn!(
+                key_id = %k.id,
+                expires = %when,
+                days_left = left.as_secs() / 86_400,
+                "key expires soon"
+            ),
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Startup warnings for settings that expose more than an operator may think.
 fn warn_about_exposure(cfg: &Config) {
     if let Some(a) = &cfg.admin
@@ -321,6 +349,7 @@ pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -331,6 +360,7 @@ fn install_signals() -> Result<Signals, StartError> {
         term: signal(SignalKind::terminate()).map_err(err)?,
         int: signal(SignalKind::interrupt()).map_err(err)?,
         hup: signal(SignalKind::hangup()).map_err(err)?,
+        usr1: signal(SignalKind::user_defined1()).map_err(err)?,
     })
 }
 
@@ -341,6 +371,7 @@ async fn wait_for_shutdown(mut s: Signals, serve: &server::Serve, path: &Path, e
             _ = s.term.recv() => return,
             _ = s.int.recv() => return,
             _ = s.hup.recv() => reload(serve, path, env),
+            _ = s.usr1.recv() => serve.shared.audit.reopen(),
         }
     }
 }
@@ -381,6 +412,7 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         if old.tls.is_some() != tls.is_some() {
             return Err(StartError::NeedsRestart("adding or removing [tls]"));
         }
+        announce_key_expiry(&cfg);
         // One swap: config, limiters and certificates change together.
         serve.shared.live.store(Arc::new(live::Live::build(
             cfg,

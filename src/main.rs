@@ -1,4 +1,4 @@
-//! The `portcullis` command: run, check, keygen, hash-key.
+//! The `portcullis` command: run, check, keygen, hash-key, keys, usage.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -37,6 +37,12 @@ enum Command {
     },
     /// Read one key from stdin and print sha256:<hex>
     HashKey,
+    /// List the configured keys: routes, models, budget, expiry (never a hash)
+    Keys {
+        /// One JSON object per line instead of a table
+        #[arg(long)]
+        json: bool,
+    },
     /// Print spend from the usage ledger (works while the gateway runs)
     Usage {
         /// How far back, e.g. 7d, 12h (default: 30d)
@@ -58,6 +64,7 @@ fn main() -> ExitCode {
         Command::Check => check(cli.config),
         Command::Keygen { id, routes } => keygen(&id, &routes),
         Command::HashKey => hash_key(),
+        Command::Keys { json } => keys(cli.config, json),
         Command::Usage { since, by, json } => usage(cli.config, &since, by, json),
     }
 }
@@ -212,6 +219,74 @@ fn hash_key() -> ExitCode {
         return ExitCode::from(1);
     }
     println!("{}", portcullis::keys::hash_string(key));
+    ExitCode::SUCCESS
+}
+
+/// `portcullis keys`: one line per key, so an operator sees an expiry before a phone does.
+fn keys(cli_path: Option<PathBuf>, json: bool) -> ExitCode {
+    let env = match env() {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let path = config::resolve_path(cli_path.as_deref(), &env);
+    let cfg = match portcullis::config::load(&path, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut out = String::new();
+    if !json {
+        out.push_str(&format!(
+            "{:<20} {:<20} {:<28} {:<36} {:<21} {:>9} {}\n",
+            "id", "routes", "models", "budget", "expires", "days_left", "disabled"
+        ));
+    }
+    for k in &cfg.keys {
+        let models: Option<Vec<String>> = k
+            .models
+            .as_ref()
+            .map(|m| m.iter().map(|p| p.as_written()).collect());
+        let budget = (!k.budget.is_empty()).then(|| {
+            k.budget
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        });
+        let expires = k
+            .expires
+            .map(|e| humantime::format_rfc3339_seconds(e).to_string());
+        // Whole days left, rounded down; negative once expired.
+        let days_left = k.expires.map(|e| match e.duration_since(now) {
+            Ok(left) => (left.as_secs() / 86_400) as i64,
+            Err(past) => -(past.duration().as_secs().div_ceil(86_400) as i64),
+        });
+        if json {
+            let v = serde_json::json!({
+                "id": k.id, "routes": k.routes, "models": models, "budget": budget,
+                "expires": expires, "days_left": days_left, "disabled": k.disabled,
+            });
+            out.push_str(&v.to_string());
+            out.push('\n');
+        } else {
+            let or_all = |v: Option<String>| v.unwrap_or_else(|| "*".to_owned());
+            out.push_str(&format!(
+                "{:<20} {:<20} {:<28} {:<36} {:<21} {:>9} {}\n",
+                k.id,
+                or_all(k.routes.as_ref().map(|r| r.join(","))),
+                or_all(models.map(|m| m.join(","))),
+                budget.unwrap_or_else(|| "-".to_owned()),
+                expires.unwrap_or_else(|| "-".to_owned()),
+                days_left.map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                k.disabled
+            ));
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(out.as_bytes());
     ExitCode::SUCCESS
 }
 

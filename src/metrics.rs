@@ -67,6 +67,10 @@ fn describe() {
         "Config reloads by result"
     );
     describe_gauge!("portcullis_build_info", "Build information");
+    describe_gauge!(
+        "portcullis_key_expiry_timestamp_seconds",
+        "When each key with `expires` stops working (Unix time)"
+    );
     describe_counter!(
         "portcullis_audit_waits_total",
         "Requests that waited for room in a full audit queue"
@@ -201,6 +205,12 @@ pub fn rate_limited(route: &str, scope: &'static str) {
 
 pub fn auth_failure(reason: &'static str) {
     counter!("portcullis_auth_failures_total", "reason" => reason).increment(1);
+}
+
+/// `portcullis_key_expiry_timestamp_seconds{key_id}`: when a key with `expires` stops working.
+pub fn key_expiry(key_id: &str, unix_seconds: f64) {
+    gauge!("portcullis_key_expiry_timestamp_seconds", "key_id" => key_id.to_owned())
+        .set(unix_seconds);
 }
 
 /// A client connection closed at accept (`per_ip`: `limits.max_connections_per_ip`).

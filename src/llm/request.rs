@@ -24,6 +24,14 @@ impl ModelPattern {
         }
     }
 
+    /// As written in the config: the name, or the prefix with its `*`.
+    pub fn as_written(&self) -> String {
+        match self {
+            ModelPattern::Exact(m) => m.clone(),
+            ModelPattern::Prefix(p) => format!("{p}*"),
+        }
+    }
+
     pub fn matches(&self, model: &str) -> bool {
         match self {
             ModelPattern::Exact(m) => m == model,
