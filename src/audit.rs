@@ -246,6 +246,8 @@ pub struct Reload<'a> {
     pub event: &'static str,
     pub result: &'static str,
     pub reason: Option<&'a str>,
+    /// The keys of the config serving after the reload (the new one, or the old one kept).
+    pub key_count: usize,
 }
 
 /// `lockout`: a client IP locked out after `failures` failed key checks, until `until`.

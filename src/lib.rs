@@ -424,7 +424,11 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
     });
     let (res, reason) = match &result {
         Ok(()) => ("ok", None),
-        Err(e) => ("failed", Some(e.to_string())),
+        Err(e) => {
+            // On the terminal too, not only in the audit log: whoever sent SIGHUP looks here.
+            tracing::error!(reason = %e, "reload failed; the previous config keeps serving");
+            ("failed", Some(e.to_string()))
+        }
     };
     metrics::reload(res);
     systemd::ready();
@@ -433,5 +437,6 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         event: "reload",
         result: res,
         reason: reason.as_deref(),
+        key_count: serve.shared.live.load().config.keys.len(),
     });
 }

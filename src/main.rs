@@ -14,38 +14,53 @@ use portcullis::config::{self, env::LayeredEnv};
     about = "A hardened gateway for self-hosted AI services"
 )]
 struct Cli {
-    /// Config file (default: $PORTCULLIS_CONFIG, else /etc/portcullis/portcullis.toml)
-    #[arg(long, global = true, value_name = "PATH")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+/// `--config`, on the commands that read the config (not on `hash-key`, which reads none).
+#[derive(clap::Args, Clone, Default)]
+struct ConfigArg {
+    /// Config file (default: $PORTCULLIS_CONFIG, else /etc/portcullis/portcullis.toml)
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway in the foreground (the default)
-    Run,
+    Run(ConfigArg),
     /// Validate the config (env secrets and certificate files included) and print a summary
-    Check,
+    Check(ConfigArg),
     /// Print a new random API key once, then a [[keys]] block holding only its hash
     Keygen {
+        /// The key's id, as logs and metrics will name it (letters, digits, '-', '_', '.')
         #[arg(long)]
         id: String,
         /// Comma-separated route names the key may use (default: every route with auth = "key")
         #[arg(long, value_delimiter = ',')]
         routes: Vec<String>,
+        /// A config to check the route names against (they are not checked without one)
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
     /// Read one key from stdin and print sha256:<hex>
     HashKey,
     /// List the configured keys: routes, models, budget, expiry (never a hash)
     Keys {
+        #[command(flatten)]
+        config: ConfigArg,
         /// One JSON object per line instead of a table
         #[arg(long)]
         json: bool,
     },
-    /// Print spend from the usage ledger (works while the gateway runs)
+    /// Print spend from the usage ledger (works while the gateway runs; reads only what it needs)
     Usage {
-        /// How far back, e.g. 7d, 12h (default: 30d)
+        #[command(flatten)]
+        config: ConfigArg,
+        /// How far back, e.g. 7d, 12h
         #[arg(long, default_value = "30d")]
         since: String,
         /// Group by key, model or day
@@ -59,13 +74,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(cli.config),
-        Command::Check => check(cli.config),
-        Command::Keygen { id, routes } => keygen(&id, &routes),
+    // `portcullis --config X` alone runs the gateway, as `portcullis run --config X` does.
+    let top = cli.config.config;
+    let or_top = |c: ConfigArg| c.config.or_else(|| top.clone());
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Run(ConfigArg::default()))
+    {
+        Command::Run(c) => run(or_top(c)),
+        Command::Check(c) => check(or_top(c)),
+        Command::Keygen { id, routes, config } => keygen(&id, &routes, config),
         Command::HashKey => hash_key(),
-        Command::Keys { json } => keys(cli.config, json),
-        Command::Usage { since, by, json } => usage(cli.config, &since, by, json),
+        Command::Keys { config, json } => keys(or_top(config), json),
+        Command::Usage {
+            config,
+            since,
+            by,
+            json,
+        } => usage(or_top(config), &since, by, json),
     }
 }
 
@@ -179,10 +205,34 @@ fn check(cli_path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn keygen(id: &str, routes: &[String]) -> ExitCode {
+fn keygen(id: &str, routes: &[String], config_path: Option<PathBuf>) -> ExitCode {
     if !portcullis::keys::is_valid_id(id) {
         eprintln!("portcullis: --id must be letters, digits, '-', '_' or '.'");
         return ExitCode::from(2);
+    }
+    // With a config, a misspelt route is caught now rather than as a 403 on the phone.
+    if let Some(path) = config_path {
+        let env = match env() {
+            Ok(e) => e,
+            Err(c) => return c,
+        };
+        let cfg = match portcullis::config::load(&path, &env) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if let Some(bad) = routes
+            .iter()
+            .find(|r| !cfg.routes.iter().any(|x| &x.name == *r))
+        {
+            eprintln!(
+                "portcullis: --routes: no route named {bad:?} in {}",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
     }
     let key = match portcullis::keys::generate() {
         Ok(k) => k,
@@ -301,7 +351,9 @@ fn usage(
         Err(c) => return c,
     };
     let path = config::resolve_path(cli_path.as_deref(), &env);
-    let cfg = match portcullis::config::load(&path, &env) {
+    // Only the ledger's path is read: secrets it does not need (an upstream's API key, the admin
+    // token) may be absent, as they are for an operator's shell on a systemd-credentials Pi.
+    let (cfg, unresolved) = match portcullis::config::load_lenient(&path, &env) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("portcullis: {e}");
@@ -315,6 +367,15 @@ fn usage(
         );
         return ExitCode::from(1);
     };
+    let placeholder = portcullis::config::secret::Lenient::PLACEHOLDER;
+    if db.to_string_lossy().contains(placeholder) {
+        eprintln!(
+            "portcullis: {}: usage.database: ${{{}}} is not set",
+            path.display(),
+            unresolved.join("}, ${")
+        );
+        return ExitCode::from(1);
+    }
     let window = match portcullis::config::units::parse_duration(since) {
         Ok(d) => d,
         Err(e) => {

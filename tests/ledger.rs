@@ -142,3 +142,52 @@ async fn a_sqlite_file_that_is_not_a_ledger_stops_startup() {
     assert_eq!(code, 0, "{err}");
     assert!(!missing.exists());
 }
+
+#[tokio::test]
+async fn usage_reads_the_ledger_without_secrets_it_does_not_need() {
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("usage.db");
+    drop(rusqlite::Connection::open(&db).unwrap());
+    // An empty SQLite file is made a ledger by `run`; `usage` needs one that is already a ledger.
+    let gw = Gateway::start(&config(&up, &db)).await;
+    drop(gw);
+    // The upstream's API key is a secret `usage` has no use for: it need not be set.
+    let with_secret = config(&up, &db).replace(
+        "llm = true\n",
+        "llm = true\n[routes.upstream_headers]\nauthorization = \"Bearer ${OPENROUTER_API_KEY}\"\n",
+    );
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, &with_secret).unwrap();
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env_remove("OPENROUTER_API_KEY")
+            .env_remove("DB_PATH")
+            .output()
+            .unwrap()
+    };
+    let out = run(&["usage"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("key_id"));
+    // `check` still resolves everything.
+    let out = run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPENROUTER_API_KEY"));
+    // What `usage` does read must resolve.
+    let db_from_env = with_secret.replace(&db.display().to_string(), "${DB_PATH}");
+    std::fs::write(&path, db_from_env).unwrap();
+    let out = run(&["usage"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("usage.database") && err.contains("DB_PATH"),
+        "{err}"
+    );
+}

@@ -937,7 +937,16 @@ const SIZE_UNITS: &[(&str, u64)] = &[
     ("GB", 1_000_000_000),
 ];
 
-const DURATION_UNITS: &[(&str, u64)] = &[("s", 1), ("m", 60), ("h", 3600), ("d", 86400)];
+const DURATION_UNITS: &[(&str, u64)] = &[
+    ("s", 1),
+    ("sec", 1),
+    ("m", 60),
+    ("min", 60),
+    ("h", 3600),
+    ("hour", 3600),
+    ("d", 86400),
+    ("day", 86400),
+];
 
 const RATE_UNITS: &[(&str, u64)] = &[
     ("s", 1),

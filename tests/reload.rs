@@ -29,8 +29,21 @@ async fn keys_change_on_reload_and_an_invalid_config_keeps_the_old_one() {
     assert_eq!(send(gw.addr, "GET", "/tight/x", &[]).await.0, 200);
     assert_eq!(send(gw.addr, "GET", "/tight/x", &[]).await.0, 429);
 
-    gw.rewrite_config(&config(&up, &key_block("b", B, ""), ""));
-    assert_eq!(gw.reload().await["result"], "ok");
+    gw.rewrite_config(&config(
+        &up,
+        &format!(
+            "{}{}",
+            key_block("b", B, ""),
+            key_block("c", "pcx_reload-c", "")
+        ),
+        "",
+    ));
+    let ev = gw.reload().await;
+    assert_eq!(
+        (ev["result"].as_str(), ev["key_count"].as_u64()),
+        (Some("ok"), Some(2)),
+        "{ev}"
+    );
     assert_eq!(
         send(gw.addr, "GET", "/v1/x", &[&with(A)]).await.0,
         401,
@@ -57,6 +70,16 @@ async fn keys_change_on_reload_and_an_invalid_config_keeps_the_old_one() {
             .contains("routes[0].upstream"),
         "{ev}"
     );
+    // The old config (two keys) keeps serving; whoever sent SIGHUP sees why on stderr too.
+    assert_eq!(ev["key_count"], 2, "{ev}");
+    gw.stderr
+        .wait_until(|lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("reload failed") && l.contains("routes[0].upstream"))
+                .then_some(())
+        })
+        .await;
     assert_eq!(
         send(gw.addr, "GET", "/v1/x", &[&with(B)]).await.0,
         200,

@@ -77,6 +77,25 @@ pub fn load(path: &Path, env: &env::LayeredEnv) -> Result<Config, ConfigError> {
     parse(path, &text, &env.prefixed(ENV_PREFIX), env)
 }
 
+/// [`load`] for a command that reads only part of the config (`portcullis usage`): a `${NAME}`
+/// that resolves nowhere becomes [`secret::Lenient::PLACEHOLDER`] instead of an error. Returns the
+/// names that did not resolve; the caller checks what it reads against the placeholder.
+pub fn load_lenient(
+    path: &Path,
+    env: &env::LayeredEnv,
+) -> Result<(Config, Vec<String>), ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line_col: None,
+        key_path: None,
+        env_var: None,
+        message: format!("cannot read the config file: {e}"),
+    })?;
+    let lenient = secret::Lenient::new(env);
+    let cfg = parse(path, &text, &env.prefixed(ENV_PREFIX), &lenient)?;
+    Ok((cfg, lenient.missing()))
+}
+
 /// The pure part of [`load`]: `text` is the file's content, `overrides` the `PORTCULLIS_*` vars.
 ///
 /// An override's value is read as a TOML scalar (`PORTCULLIS_SERVER__MAX_CONNECTIONS=64` is a

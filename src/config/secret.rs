@@ -23,6 +23,54 @@ impl Env for ProcessEnv {
     }
 }
 
+/// An environment for commands that read only part of the config (`portcullis usage`): a
+/// `${NAME}` that resolves nowhere stands for [`Lenient::PLACEHOLDER`] instead of failing, and
+/// its name is noted, so an unrelated secret (an upstream API key) need not be present. What the
+/// command does read must be checked for the placeholder.
+pub struct Lenient<'a> {
+    inner: &'a dyn Env,
+    missing: std::sync::Mutex<Vec<String>>,
+}
+
+impl<'a> Lenient<'a> {
+    pub const PLACEHOLDER: &'static str = "portcullis-unresolved";
+
+    pub fn new(inner: &'a dyn Env) -> Lenient<'a> {
+        Lenient {
+            inner,
+            missing: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The names that resolved nowhere.
+    pub fn missing(&self) -> Vec<String> {
+        self.missing.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+impl Env for Lenient<'_> {
+    fn var(&self, name: &str) -> Option<String> {
+        if let Some(v) = self.inner.var(name) {
+            return Some(v);
+        }
+        // The lookup's own fallbacks (NAME_FILE, credentials) are tried before a placeholder.
+        let fallback = name.ends_with("_FILE")
+            || name == "CREDENTIALS_DIRECTORY"
+            || self.inner.var(&format!("{name}_FILE")).is_some()
+            || self
+                .inner
+                .var("CREDENTIALS_DIRECTORY")
+                .is_some_and(|d| Path::new(&d).join(name).exists());
+        if fallback {
+            return None;
+        }
+        if let Ok(mut m) = self.missing.lock() {
+            m.push(name.to_owned());
+        }
+        Some(Self::PLACEHOLDER.to_owned())
+    }
+}
+
 /// Resolves every `${NAME}` in `input`. A `$` not followed by `{` is kept as written.
 pub fn resolve(input: &str, env: &dyn Env) -> Result<SecretString, String> {
     let mut out = String::with_capacity(input.len());

@@ -123,14 +123,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .map(Duration::from_secs)
             .ok_or_else(|| format!("invalid duration {s:?}: too large"))
     };
+    // The spellings rates accept, so `"10/min"` and `"10min"` both read.
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
-        "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86400),
+        "s" | "sec" | "second" | "seconds" => secs(1),
+        "m" | "min" | "minute" | "minutes" => secs(60),
+        "h" | "hour" | "hours" => secs(3600),
+        "d" | "day" | "days" => secs(86400),
         other => Err(format!(
-            "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+            "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m, min, h or d)"
         )),
     }
 }

@@ -266,7 +266,7 @@ fn metered_response(resp: Response<Incoming>, meter: &Meter) -> Response<Respons
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let (mut parts, incoming) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
+    answer_head(&mut parts);
     let mut tapped = crate::llm::usage::UsageTap::new(incoming, sse, meter.slot.clone());
     if meter.injected && sse {
         tapped = tapped.strip_usage_event();
@@ -281,6 +281,15 @@ fn metered_response(resp: Response<Incoming>, meter: &Meter) -> Response<Respons
 pub(super) fn upstream_response(resp: Response<Incoming>) -> Response<ResponseBody> {
     use http_body_util::BodyExt;
     let (mut parts, incoming) = resp.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers);
+    answer_head(&mut parts);
     Response::from_parts(parts, incoming.map_err(Into::into).boxed_unsync())
+}
+
+/// The upstream's response head as the client's connection speaks it: hop-by-hop headers
+/// removed, and the client's own protocol version — an HTTP/1.0 upstream (Python's `http.server`,
+/// many small tool servers) must not turn the client's HTTP/1.1 keep-alive connection into
+/// HTTP/1.0 and close it after every response.
+fn answer_head(parts: &mut http::response::Parts) {
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
 }

@@ -117,6 +117,8 @@ pub async fn open(
         _ => {
             let (mut parts, body) = resp.into_parts();
             super::headers::remove_hop_by_hop(&mut parts.headers);
+            // The client's connection speaks its own version (see `pipeline/upstream.rs`).
+            parts.version = http::Version::HTTP_11;
             let body = http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
                 body,
                 Into::into,
