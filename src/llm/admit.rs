@@ -19,6 +19,9 @@ pub struct Admission<'a> {
     pub live: &'a Live,
     pub book: Option<&'a Arc<Book>>,
     pub key_index: Option<usize>,
+    /// The client speaks Anthropic's Messages API (it sent `anthropic-version`): its requests
+    /// are never given OpenAI's `stream_options`.
+    pub anthropic: bool,
 }
 
 impl Admission<'_> {
@@ -104,12 +107,13 @@ impl Admission<'_> {
         );
         self.reserve(meter, own)?;
         meter.admitted = true;
-        let inject = self
-            .live
-            .config
-            .usage
-            .as_ref()
-            .is_some_and(|u| u.inject_stream_usage);
+        let inject = !self.anthropic
+            && self
+                .live
+                .config
+                .usage
+                .as_ref()
+                .is_some_and(|u| u.inject_stream_usage);
         if inject && let Some(rewritten) = parsed.inject_include_usage() {
             meter.injected = true;
             return Ok(Bytes::from(rewritten));

@@ -113,12 +113,20 @@ fn inspect_value(v: &serde_json::Value) -> Inspected {
 }
 
 impl Parsed {
-    /// SPEC §7 `inject_stream_usage`: a streamed request that did not ask for
+    /// SPEC §7 `inject_stream_usage`: a streamed chat/completions request that did not ask for
     /// `stream_options.include_usage` gets it added. Returns the rewritten body, or `None` when
-    /// the request is not a stream or already asks for usage (then it is forwarded as sent).
+    /// the request is not a stream, already asks for usage, or is not in the chat/completions
+    /// shape (`messages` or `prompt`; the Responses API's `input` and Anthropic's Messages always
+    /// report usage and may refuse an unknown `stream_options`): then it is forwarded as sent.
     pub fn inject_include_usage(mut self) -> Option<Vec<u8>> {
         let obj = self.value.as_object_mut()?;
         if obj.get("stream").and_then(|s| s.as_bool()) != Some(true) {
+            return None;
+        }
+        let chat_shape = (obj.contains_key("messages") || obj.contains_key("prompt"))
+            && !obj.contains_key("input")
+            && !obj.contains_key("anthropic_version");
+        if !chat_shape {
             return None;
         }
         let opts = obj
@@ -239,11 +247,11 @@ mod tests {
 
     #[test]
     fn injection_only_where_the_client_did_not_ask() {
-        let out = inj(br#"{"model":"m","stream":true}"#).unwrap();
+        let out = inj(br#"{"model":"m","messages":[],"stream":true}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "m");
-        let out = inj(br#"{"stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let out = inj(br#"{"prompt":"p","stream":true,"stream_options":{"x":1}}"#).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(
             (
@@ -257,6 +265,13 @@ mod tests {
         assert!(inj(br#"{"model":"m"}"#).is_none());
         assert!(inj(b"[1,2]").is_none());
         assert!(inj(b"nope").is_none());
+        // Only the chat/completions shape: the Responses API (`input`) and Anthropic's Messages
+        // on Bedrock/Vertex (`anthropic_version`) always report usage and may refuse the field.
+        assert!(inj(br#"{"model":"m","input":"hi","stream":true}"#).is_none());
+        assert!(
+            inj(br#"{"anthropic_version":"vertex-2023-10-16","messages":[],"stream":true}"#)
+                .is_none()
+        );
     }
 
     #[test]

@@ -63,30 +63,71 @@ impl Reading {
 /// Above this, a token count or a cost is not believed (SPEC §7: usage is untrusted input).
 const MAX_FIGURE: f64 = 1e9;
 
-/// Reads `usage` from one JSON document. Usage is untrusted input (a compromised or buggy
-/// upstream, or a user-uploaded file served back): a token count must be a whole number from 0
-/// to 10^9 and a cost a finite number from 0 to 10^9, else the whole reading is invalid — a
-/// negative cost must never refund a budget.
+/// Reads `usage` from one JSON document: a whole response, or one SSE event. The shapes are
+/// recognized from the body, not the path (bridges mount APIs anywhere):
+/// - OpenAI chat/completions, completions and embeddings, and OpenRouter: a top-level `usage`
+///   with `prompt_tokens`, `completion_tokens` and OpenRouter's `cost`;
+/// - OpenAI Responses: a top-level `usage` with `input_tokens`, `output_tokens` (JSON), or the
+///   `response.completed` event's `response.usage` (SSE);
+/// - Anthropic Messages: a top-level `usage` with `input_tokens`, `output_tokens`, and cache
+///   tokens (`cache_creation_input_tokens`, `cache_read_input_tokens`) counted as prompt (JSON),
+///   or `message_start`'s `message.usage` (SSE; see [`Reported::note`] for `message_delta`).
+///
+/// Usage is untrusted input (a compromised or buggy upstream, or a user-uploaded file served
+/// back): a token count must be a whole number from 0 to 10^9 and a cost a finite number from 0
+/// to 10^9, else the whole reading is invalid — a negative cost must never refund a budget.
 pub fn from_json(v: &serde_json::Value) -> Reading {
-    let Some(u) = v.get("usage").filter(|u| !u.is_null()) else {
-        return Reading::Absent;
+    let usage = match v.get("type").and_then(|t| t.as_str()) {
+        Some("response.completed") => v.pointer("/response/usage"),
+        Some("message_start") => v.pointer("/message/usage"),
+        _ => v.get("usage"),
     };
+    match usage {
+        None | Some(serde_json::Value::Null) => Reading::Absent,
+        Some(u) => read_usage(u),
+    }
+}
+
+/// A token count: absent, or a whole number within [`MAX_FIGURE`].
+fn tokens(v: Option<&serde_json::Value>) -> Result<Option<u64>, ()> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(n) => match n.as_u64() {
+            Some(t) if t as f64 <= MAX_FIGURE => Ok(Some(t)),
+            _ => Err(()),
+        },
+    }
+}
+
+/// One `usage` object, in any of the shapes [`from_json`] names.
+fn read_usage(u: &serde_json::Value) -> Reading {
     let Some(u) = u.as_object() else {
         return Reading::Invalid;
     };
-    fn tokens(v: Option<&serde_json::Value>) -> Result<Option<u64>, ()> {
-        match v {
-            None | Some(serde_json::Value::Null) => Ok(None),
-            Some(n) => match n.as_u64() {
-                Some(t) if t as f64 <= MAX_FIGURE => Ok(Some(t)),
-                _ => Err(()),
-            },
+    let field = |names: &[&str]| -> Result<Option<u64>, ()> {
+        let mut sum: Option<u64> = None;
+        for n in names {
+            if let Some(t) = tokens(u.get(*n))? {
+                sum = Some(sum.unwrap_or(0).saturating_add(t));
+            }
         }
-    }
-    let (Ok(prompt), Ok(completion)) = (
-        tokens(u.get("prompt_tokens")),
-        tokens(u.get("completion_tokens")),
-    ) else {
+        Ok(sum)
+    };
+    // Anthropic counts cache writes and reads apart from `input_tokens`; OpenAI's cached tokens
+    // are a part of its `prompt_tokens`/`input_tokens` (in `*_details`), so they are not added.
+    let prompt = field(&["prompt_tokens"]).and_then(|p| match p {
+        Some(p) => Ok(Some(p)),
+        None => field(&[
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ]),
+    });
+    let completion = field(&["completion_tokens"]).and_then(|c| match c {
+        Some(c) => Ok(Some(c)),
+        None => field(&["output_tokens"]),
+    });
+    let (Ok(prompt), Ok(completion)) = (prompt, completion) else {
         return Reading::Invalid;
     };
     let cost = match u.get("cost") {
@@ -178,12 +219,37 @@ pub struct Reported {
 
 impl Reported {
     /// Notes one parsed document: the last usage a stream reports wins (a `usage: null` in
-    /// every chunk, as OpenAI sends with include_usage, changes nothing).
+    /// every chunk, as OpenAI sends with include_usage, changes nothing). An Anthropic
+    /// `message_delta` carries the cumulative `output_tokens` (and, in newer versions, the input
+    /// too): it updates what `message_start` reported rather than replacing it.
     fn note(&mut self, v: &serde_json::Value) {
+        let delta = v.get("type").and_then(|t| t.as_str()) == Some("message_delta");
         let r = from_json(v);
+        let r = match (delta, r, self.reading) {
+            (true, Reading::Valid(d), Reading::Valid(mut started)) => {
+                if let Some(u) = v.get("usage") {
+                    if u.get("output_tokens").is_some() {
+                        started.completion_tokens = d.completion_tokens;
+                    }
+                    if u.get("input_tokens").is_some() {
+                        started.prompt_tokens = d.prompt_tokens;
+                    }
+                    if d.cost.is_some() {
+                        started.cost = d.cost;
+                    }
+                }
+                Reading::Valid(started)
+            }
+            (_, r, _) => r,
+        };
         if r != Reading::Absent {
             self.reading = r;
-            if let Some(m) = v.get("model").and_then(|m| m.as_str()) {
+            let model = v
+                .get("model")
+                .or_else(|| v.pointer("/response/model"))
+                .or_else(|| v.pointer("/message/model"))
+                .and_then(|m| m.as_str());
+            if let Some(m) = model {
                 self.model = Some(m.to_owned());
             }
         }
@@ -510,6 +576,108 @@ mod tests {
                 assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(without), "split at {i}");
                 assert_eq!(u, Some(Usage { prompt_tokens: 5, completion_tokens: 7, cost: None }), "split at {i}");
             }
+        }
+    }
+
+    /// Recorded answers of each API shape (written from the providers' API references), each
+    /// with the usage it must be read as, at every split point of its bytes.
+    #[tokio::test]
+    async fn every_api_shape_is_metered_at_every_split_point() {
+        let fixture = |name: &str| {
+            let path = format!("{}/tests/fixtures/usage/{name}", env!("CARGO_MANIFEST_DIR"));
+            std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let u = |p, c, cost| Usage {
+            prompt_tokens: p,
+            completion_tokens: c,
+            cost,
+        };
+        for (name, sse, want, model) in [
+            (
+                "chat.sse",
+                true,
+                u(12, 3, Some(0.0000063)),
+                "openai/gpt-4o-mini",
+            ),
+            (
+                "completions.json",
+                false,
+                u(5, 7, None),
+                "gpt-3.5-turbo-instruct",
+            ),
+            (
+                "embeddings.json",
+                false,
+                u(8, 0, None),
+                "text-embedding-3-small",
+            ),
+            (
+                "responses.json",
+                false,
+                u(36, 87, None),
+                "gpt-4.1-2025-04-14",
+            ),
+            ("responses.sse", true, u(37, 11, None), "gpt-4.1-2025-04-14"),
+            // Cache writes and reads count as prompt: 2095 + 100 + 50.
+            (
+                "messages.json",
+                false,
+                u(2245, 503, None),
+                "claude-sonnet-4-20250514",
+            ),
+            // message_start's input (25 + 10 cached) and message_delta's cumulative output.
+            (
+                "messages.sse",
+                true,
+                u(35, 15, None),
+                "claude-sonnet-4-20250514",
+            ),
+        ] {
+            let bytes = fixture(name);
+            for i in 0..=bytes.len() {
+                let slot: UsageSlot = Arc::default();
+                let chunks = [
+                    Bytes::copy_from_slice(&bytes[..i]),
+                    Bytes::copy_from_slice(&bytes[i..]),
+                ];
+                let s = futures_util::stream::iter(
+                    chunks
+                        .into_iter()
+                        .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))),
+                );
+                let out = UsageTap::new(StreamBody::new(s), sse, slot.clone())
+                    .collect()
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                assert_eq!(out, bytes, "{name}: bytes changed (split at {i})");
+                let got = slot.lock().unwrap().clone();
+                assert_eq!(got.reading, Reading::Valid(want), "{name} split at {i}");
+                assert_eq!(got.model.as_deref(), Some(model), "{name} split at {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn untrusted_figures_in_any_shape_are_invalid() {
+        let read = |s: &str| from_json(&serde_json::from_str(s).unwrap());
+        for bad in [
+            r#"{"usage":{"prompt_tokens":-5,"completion_tokens":3}}"#,
+            r#"{"usage":{"input_tokens":2000000000,"output_tokens":3}}"#,
+            r#"{"usage":{"input_tokens":5,"output_tokens":1.5}}"#,
+            r#"{"usage":{"input_tokens":5,"cache_read_input_tokens":-1}}"#,
+            r#"{"usage":{"prompt_tokens":5,"cost":-1e9}}"#,
+            r#"{"type":"response.completed","response":{"usage":{"input_tokens":"5"}}}"#,
+            r#"{"usage":"lots"}"#,
+        ] {
+            assert_eq!(read(bad), Reading::Invalid, "{bad}");
+        }
+        for absent in [
+            r#"{"usage":null}"#,
+            r#"{"usage":{}}"#,
+            r#"{"type":"response.created","response":{"usage":null}}"#,
+        ] {
+            assert_eq!(read(absent), Reading::Absent, "{absent}");
         }
     }
 }

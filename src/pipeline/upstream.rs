@@ -35,6 +35,7 @@ pub(super) async fn meter_request(
         live,
         book: shared.budgets.as_ref(),
         key_index,
+        anthropic: req.headers().contains_key("anthropic-version"),
     };
     let meter = ctx.record.meter.insert(Meter::new(None));
     if route.websocket && headers::is_websocket_upgrade(req.headers()) {
