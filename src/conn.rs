@@ -149,11 +149,14 @@ impl Active {
     /// A send clock for one response of this connection, watched by its watchdog.
     pub fn send_clock(&self) -> crate::proxy::body::SendClock {
         let c = Arc::new(AtomicU64::new(0));
-        self.0
-            .sending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&c));
+        let mut sending = self.0.sending.lock().unwrap_or_else(|p| p.into_inner());
+        // Ended responses are dropped here too, not only by the watchdog: a busy keep-alive
+        // connection must not pile up a watchdog period's worth of them.
+        if sending.len() >= 32 {
+            sending.retain(|w| w.strong_count() > 0);
+        }
+        sending.push(Arc::downgrade(&c));
+        drop(sending);
         crate::proxy::body::SendClock {
             pending_since: c,
             epoch: self.0.epoch,

@@ -108,7 +108,12 @@ pub(super) fn finish(
         return Response::from_parts(parts, body);
     }
     let out = record.bytes_out.clone();
-    let clock = ctx.active.as_ref().map(Active::send_clock);
+    // Only a response with a body can wait on its client.
+    let clock = ctx
+        .active
+        .as_ref()
+        .filter(|_| !bodiless)
+        .map(Active::send_clock);
     // The connection counts as busy (for idle_timeout) until this response body has ended.
     let guard = Box::new(Guard {
         record,
@@ -116,9 +121,7 @@ pub(super) fn finish(
     });
     let idle = live.config.server.stream_idle_timeout;
     let mut body = Streamed::new(body, idle, out, u64::MAX, Some(guard));
-    if let Some(clock) = clock
-        && !bodiless
-    {
+    if let Some(clock) = clock {
         body = body.send_clock(clock);
     }
     Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(body))
