@@ -72,11 +72,17 @@ fn handle(admin: &Admin, req: &Request<Incoming>) -> Response<ResponseBody> {
             }
             // Budgets roll over at period ends with or without traffic: show them as of now.
             admin.shared.publish_budgets();
-            let text = admin
+            let mut text = admin
                 .metrics
                 .as_ref()
                 .map(|m| m.render())
                 .unwrap_or_default();
+            text.push_str(&crate::metrics::render_key_expiry(
+                live.config.keys.iter().filter_map(|k| {
+                    let at = k.expires?.duration_since(std::time::UNIX_EPOCH).ok()?;
+                    Some((k.id.as_str(), at.as_secs_f64()))
+                }),
+            ));
             let mut r = Response::new(body::full(Bytes::from(text)));
             r.headers_mut().insert(
                 CONTENT_TYPE,

@@ -257,19 +257,14 @@ fn open_ledger(cfg: &Config) -> Result<LedgerAndBook, StartError> {
     ))
 }
 
-/// At startup and each reload: `portcullis_key_expiry_timestamp_seconds` for every key with
-/// `expires`, and a warning for each key that expires within 7 days or already has — so that a
-/// phone's key does not stop working unannounced.
+/// At startup and each reload, a warning for each key that expires within 7 days or already has
+/// — so that a phone's key does not stop working unannounced (the admin listener's
+/// `portcullis_key_expiry_timestamp_seconds` says the same to an alert).
 fn announce_key_expiry(cfg: &Config) {
     const SOON: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
     let now = std::time::SystemTime::now();
     for k in &cfg.keys {
         let Some(expires) = k.expires else { continue };
-        let at = expires
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        metrics::key_expiry(&k.id, at);
         let when = humantime::format_rfc3339_seconds(expires).to_string();
         match expires.duration_since(now) {
             Err(_) => tracing::warn!(key_id = %k.id, expires = %when, "key has expired"),

@@ -67,10 +67,6 @@ fn describe() {
         "Config reloads by result"
     );
     describe_gauge!("portcullis_build_info", "Build information");
-    describe_gauge!(
-        "portcullis_key_expiry_timestamp_seconds",
-        "When each key with `expires` stops working (Unix time)"
-    );
     describe_counter!(
         "portcullis_audit_waits_total",
         "Requests that waited for room in a full audit queue"
@@ -207,10 +203,24 @@ pub fn auth_failure(reason: &'static str) {
     counter!("portcullis_auth_failures_total", "reason" => reason).increment(1);
 }
 
-/// `portcullis_key_expiry_timestamp_seconds{key_id}`: when a key with `expires` stops working.
-pub fn key_expiry(key_id: &str, unix_seconds: f64) {
-    gauge!("portcullis_key_expiry_timestamp_seconds", "key_id" => key_id.to_owned())
-        .set(unix_seconds);
+/// `portcullis_key_expiry_timestamp_seconds{key_id}`, appended to a scrape from the live config
+/// (not kept in the registry: a series there can never be removed, and a key removed or given no
+/// `expires` by a reload must lose its series, or an expiry alert would fire on forever).
+pub fn render_key_expiry<'a>(keys: impl Iterator<Item = (&'a str, f64)>) -> String {
+    let mut out = String::new();
+    for (i, (key_id, unix_seconds)) in keys.enumerate() {
+        if i == 0 {
+            out.push_str(
+                "# HELP portcullis_key_expiry_timestamp_seconds When each key with `expires` stops working (Unix time)\n\
+                 # TYPE portcullis_key_expiry_timestamp_seconds gauge\n",
+            );
+        }
+        // Key ids are letters, digits, '-', '_' and '.': nothing to escape in a label value.
+        out.push_str(&format!(
+            "portcullis_key_expiry_timestamp_seconds{{key_id=\"{key_id}\"}} {unix_seconds}\n"
+        ));
+    }
+    out
 }
 
 /// A client connection closed at accept (`per_ip`: `limits.max_connections_per_ip`).
