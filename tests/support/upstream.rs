@@ -1,5 +1,6 @@
 //! Real upstream servers for the gateway to forward to: an HTTP/1.1 + HTTP/2 hyper app that
-//! records what it saw (with a [`Gate`] to hold requests), a WebSocket echo, a dead address.
+//! records what it saw (with a [`Gate`] to hold requests) and serves the recorded LLM answers in
+//! `tests/fixtures/usage/`, a WebSocket echo, a dead address.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,6 +23,9 @@ pub struct Seen {
     pub method: String,
     pub target: String,
     pub headers: Vec<(String, String)>,
+    /// The request body, as received: filled only by the endpoints that read it as JSON
+    /// (`chat/completions`, `responses`, `messages`, `embeddings`); empty for the others.
+    pub body: Vec<u8>,
 }
 
 impl Seen {
@@ -121,6 +125,8 @@ where
 /// One step of a scripted SSE answer.
 enum Step {
     Event(String),
+    /// Raw bytes, sent as one frame (a recorded event, byte for byte).
+    Chunk(Bytes),
     Pause(Duration),
     /// Fails the body: the upstream's connection is cut.
     Cut,
@@ -131,6 +137,7 @@ fn scripted(steps: Vec<Step>) -> UpBody {
         loop {
             match steps.next()? {
                 Step::Event(e) => return Some((Ok(Frame::data(Bytes::from(e))), steps)),
+                Step::Chunk(b) => return Some((Ok(Frame::data(b)), steps)),
                 Step::Pause(d) => tokio::time::sleep(d).await,
                 Step::Cut => return Some((Err(std::io::Error::other("upstream cut")), steps)),
             }
@@ -176,6 +183,42 @@ pub fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// The bytes of `tests/fixtures/usage/<name>`, read from disk on each request.
+pub fn usage_fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/usage")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A recorded answer, `name` in `tests/fixtures/usage/`, served exactly as recorded: JSON in
+/// one piece, or SSE as one frame per event (split after each blank line), a short pause between
+/// frames so that the gateway really receives a stream.
+fn fixture_answer(name: &str, sse: bool) -> Response<UpBody> {
+    let bytes = Bytes::from(usage_fixture(name));
+    if !sse {
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(full(bytes))
+            .unwrap();
+    }
+    let mut steps = Vec::new();
+    let mut start = 0;
+    while start < bytes.len() {
+        let end =
+            memchr::memmem::find(&bytes[start..], b"\n\n").map_or(bytes.len(), |i| start + i + 2);
+        if !steps.is_empty() {
+            steps.push(Step::Pause(Duration::from_millis(5)));
+        }
+        steps.push(Step::Chunk(bytes.slice(start..end)));
+        start = end;
+    }
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(scripted(steps))
+        .unwrap()
+}
+
 /// The test upstream. Paths (after any prefix):
 /// - `.../chat/completions`: OpenAI-style, JSON or SSE (`"stream": true`) with usage (JSON: 11
 ///   prompt + 5 completion tokens; SSE, when `stream_options.include_usage` is set, a usage-only
@@ -189,6 +232,10 @@ pub fn percent_encode(s: &str) -> String {
 ///   - `usage=<percent-encoded text>` puts the decoded text verbatim as the `usage` value (JSON
 ///     answer and SSE usage-only event), so that negative, huge or invalid (`NaN`) figures can be
 ///     sent
+/// - `.../responses` (OpenAI Responses), `.../messages` (Anthropic Messages): the recorded
+///   answer `responses.json`/`messages.json`, or with `"stream": true` in the request body
+///   `responses.sse`/`messages.sse` (one frame per event), from `tests/fixtures/usage/`
+/// - `.../embeddings`: the recorded answer `embeddings.json`
 /// - `.../sse?n=N&gap_ms=G`: N SSE events, G ms apart
 /// - `.../bytes?n=N`: N bytes streamed in 64 KiB chunks
 /// - `.../count`: reads the request body, answers `{"bytes":N}`
@@ -205,32 +252,46 @@ async fn upstream_service(
         .path_and_query()
         .map(|p| p.to_string())
         .unwrap_or_default();
-    seen.lock().unwrap().push(Seen {
-        method: req.method().to_string(),
-        target: target.clone(),
-        headers: req
-            .headers()
-            .iter()
-            .map(|(n, v)| {
-                (
-                    n.to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
-    });
+    let seen_index = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(Seen {
+            method: req.method().to_string(),
+            target: target.clone(),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+            body: Vec::new(),
+        });
+        seen.len() - 1
+    };
+    // Reads the whole request body and keeps a copy in this request's `Seen`.
+    let read_body = |req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            seen.lock().unwrap()[seen_index].body = body.to_vec();
+            body
+        }
+    };
     let path = req.uri().path().to_owned();
     let q = query(&req);
     let num = |k: &str, d: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
     let resp = if path.ends_with("/chat/completions") {
         // An OpenAI/OpenRouter-style chat endpoint: JSON with usage, or SSE chunks and, when
         // `stream_options.include_usage` is set, a final usage-only event before [DONE].
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
+        let body = read_body(req).await;
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let model = serde_json::Value::from(v["model"].as_str().unwrap_or("unknown")).to_string();
         let with_usage = num("no_usage", 0) == 0;
@@ -291,6 +352,19 @@ async fn upstream_service(
                 .body(full(out))
                 .unwrap()
         }
+    } else if path.ends_with("/responses") || path.ends_with("/messages") {
+        let body = read_body(req).await;
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let api = if path.ends_with("/responses") {
+            "responses"
+        } else {
+            "messages"
+        };
+        let sse = v["stream"].as_bool() == Some(true);
+        fixture_answer(&format!("{api}.{}", if sse { "sse" } else { "json" }), sse)
+    } else if path.ends_with("/embeddings") {
+        read_body(req).await;
+        fixture_answer("embeddings.json", false)
     } else if path.ends_with("/sse") {
         let n = num("n", 10);
         let gap = Duration::from_millis(num("gap_ms", 1));
