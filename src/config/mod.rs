@@ -67,14 +67,17 @@ pub fn resolve_path(cli: Option<&Path>, env: &dyn Env) -> PathBuf {
 
 /// Reads, overrides from the environment, deserializes and validates the config at `path`.
 pub fn load(path: &Path, env: &env::LayeredEnv) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    parse(path, &read(path)?, &env.prefixed(ENV_PREFIX), env)
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
         line_col: None,
         key_path: None,
         env_var: None,
         message: format!("cannot read the config file: {e}"),
-    })?;
-    parse(path, &text, &env.prefixed(ENV_PREFIX), env)
+    })
 }
 
 /// [`load`] for a command that reads only part of the config (`portcullis usage`): a `${NAME}`
@@ -84,15 +87,8 @@ pub fn load_lenient(
     path: &Path,
     env: &env::LayeredEnv,
 ) -> Result<(Config, Vec<String>), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_owned(),
-        line_col: None,
-        key_path: None,
-        env_var: None,
-        message: format!("cannot read the config file: {e}"),
-    })?;
     let lenient = secret::Lenient::new(env);
-    let cfg = parse(path, &text, &env.prefixed(ENV_PREFIX), &lenient)?;
+    let cfg = parse(path, &read(path)?, &env.prefixed(ENV_PREFIX), &lenient)?;
     Ok((cfg, lenient.missing()))
 }
 
