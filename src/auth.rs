@@ -31,6 +31,17 @@ pub enum Presented<'a> {
 
 /// Finds the client's key in the configured headers and the opt-in query parameter.
 pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&'a str>, auth: &Auth) -> Presented<'a> {
+    extract_with(headers, query, &auth.headers, auth.query_param.as_deref())
+}
+
+/// [`extract`] with a route's own query parameter (a route's `query_param` overrides
+/// `auth.query_param`).
+pub fn extract_with<'a>(
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    key_headers: &[http::header::HeaderName],
+    query_param: Option<&str>,
+) -> Presented<'a> {
     let mut found: Option<&'a str> = None;
     let mut add = |k: &'a str| -> bool {
         match found {
@@ -41,7 +52,7 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&'a str>, auth: &Auth) 
             Some(prev) => prev == k,
         }
     };
-    for name in &auth.headers {
+    for name in key_headers {
         for v in headers.get_all(name) {
             let Ok(v) = v.to_str() else {
                 return Presented::Malformed;
@@ -67,7 +78,7 @@ pub fn extract<'a>(headers: &'a HeaderMap, query: Option<&'a str>, auth: &Auth) 
             return Presented::Malformed;
         }
     }
-    if let (Some(param), Some(q)) = (&auth.query_param, query) {
+    if let (Some(param), Some(q)) = (query_param, query) {
         let mut n = 0;
         for pair in q.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

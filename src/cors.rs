@@ -15,10 +15,11 @@
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
-use crate::config::runtime::Cors;
+use crate::config::runtime::{Cors, HeaderPattern};
 use crate::proxy::body::{self, ResponseBody};
 
 /// What the CORS step decided for a request that carries an `Origin`.
+#[derive(Clone)]
 pub enum Verdict {
     /// No Origin, or a same-origin request: nothing to add.
     NotCors,
@@ -76,10 +77,16 @@ fn rebinding_proof(host_port: &str, known_host: &impl Fn(&str) -> bool) -> bool 
     bare.parse::<std::net::IpAddr>().is_ok() || host == "localhost" || known_host(&host)
 }
 
-/// Headers on an actual (non-preflight) response to an allowed cross-origin request.
+/// Headers on an actual (non-preflight) response to an allowed cross-origin request — whichever
+/// step answered it (SPEC §3 step 6: a 404, 429 or 403 the page cannot read is an opaque "Failed
+/// to fetch"), with the headers page code may read (`expose_headers`: the request id,
+/// `Retry-After`, the rate-limit state).
 pub fn decorate(headers: &mut HeaderMap, cors: Option<&Cors>, origin: HeaderValue) {
     let Some(c) = cors else { return };
     set_origin(headers, c, origin);
+    if let Some(expose) = &c.expose_headers {
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, expose.clone());
+    }
 }
 
 fn set_origin(headers: &mut HeaderMap, c: &Cors, origin: HeaderValue) {
@@ -100,8 +107,14 @@ fn set_origin(headers: &mut HeaderMap, c: &Cors, origin: HeaderValue) {
     }
 }
 
-/// The gateway's own answer to an allowed preflight: 204, never forwarded.
-pub fn preflight(cors: Option<&Cors>, origin: HeaderValue) -> Response<ResponseBody> {
+/// The gateway's own answer to an allowed preflight: 204, never forwarded. The allowed headers it
+/// lists are the requested ones the config allows (a `x-stainless-*` prefix cannot be sent as
+/// such), plus the exact names configured.
+pub fn preflight(
+    cors: Option<&Cors>,
+    origin: HeaderValue,
+    requested: Option<&HeaderValue>,
+) -> Response<ResponseBody> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     let Some(c) = cors else {
@@ -113,7 +126,25 @@ pub fn preflight(cors: Option<&Cors>, origin: HeaderValue) -> Response<ResponseB
     if let Some(v) = join(c.allowed_methods.iter().map(|m| m.as_str()).collect()) {
         h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, v);
     }
-    if let Some(v) = join(c.allowed_headers.iter().map(|m| m.as_str()).collect()) {
+    let mut allowed: Vec<&str> = c
+        .allowed_headers
+        .iter()
+        .filter_map(|p| match p {
+            HeaderPattern::Exact(n) => Some(n.as_str()),
+            HeaderPattern::Prefix(_) => None,
+        })
+        .collect();
+    let requested = requested.and_then(|r| r.to_str().ok()).unwrap_or_default();
+    for name in requested.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let name_lower = name.to_ascii_lowercase();
+        if c.allowed_headers.iter().any(|p| p.matches(name))
+            && !allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+            && http::HeaderName::from_bytes(name_lower.as_bytes()).is_ok()
+        {
+            allowed.push(name);
+        }
+    }
+    if let Some(v) = join(allowed) {
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, v);
     }
     h.insert(

@@ -99,8 +99,9 @@ pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
 
 /// Every `outcome` a request record can carry (SPEC §4): `forwarded`, the error codes of §3.3 and
 /// §7, and the two endings of a request whose client left or stalled.
-pub const OUTCOMES: [&str; 23] = [
+pub const OUTCOMES: [&str; 24] = [
     "forwarded",
+    "preflight",
     "client_closed",
     "client_stalled",
     "missing_api_key",

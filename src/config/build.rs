@@ -25,7 +25,7 @@ impl Config {
         let auth = auth(&raw, env)?;
         let cors = cors(&raw, env)?;
         let limits = limits(&raw)?;
-        let routes = routes(&raw, &server, env)?;
+        let routes = routes(&raw, &server, &auth, env)?;
         let keys = keys(&raw, &routes, env)?;
         let usage = usage(&raw, env)?;
 
@@ -206,14 +206,7 @@ fn auth(raw: &RawConfig, env: &dyn Env) -> Result<Auth, Invalid> {
     for (i, h) in a.headers.iter().enumerate() {
         headers.push(parse_header_name(h, &format!("auth.headers[{i}]"))?);
     }
-    let query_param = plain(&a.query_param, "auth.query_param", env)?;
-    let query_param = query_param.trim();
-    if query_param.contains(['&', '=', '#', ' ']) {
-        return Err(invalid(
-            "auth.query_param",
-            "must be a plain parameter name",
-        ));
-    }
+    let query_param = query_param(&a.query_param, "auth.query_param", env)?;
     if a.lockout_failures == 0 {
         return Err(invalid(
             "auth.lockout_failures",
@@ -222,12 +215,22 @@ fn auth(raw: &RawConfig, env: &dyn Env) -> Result<Auth, Invalid> {
     }
     let auth = Auth {
         headers,
-        query_param: (!query_param.is_empty()).then(|| query_param.to_owned()),
+        query_param,
         lockout_failures: a.lockout_failures,
         lockout_window: a.lockout_window.0,
         lockout_duration: a.lockout_duration.0,
     };
     Ok(auth)
+}
+
+/// A query parameter name for keys (`""`: none).
+fn query_param(raw: &str, at: &str, env: &dyn Env) -> Result<Option<String>, Invalid> {
+    let q = plain(raw, at, env)?;
+    let q = q.trim();
+    if q.contains(['&', '=', '#', ' ']) {
+        return Err(invalid(at, "must be a plain parameter name"));
+    }
+    Ok((!q.is_empty()).then(|| q.to_owned()))
 }
 
 /// `[cors]`.
@@ -269,13 +272,29 @@ fn cors(raw: &RawConfig, env: &dyn Env) -> Result<Option<Cors>, Invalid> {
             }
             let mut hdrs = Vec::new();
             for (i, h) in c.allowed_headers.iter().enumerate() {
-                hdrs.push(parse_header_name(h, &format!("cors.allowed_headers[{i}]"))?);
+                let at = format!("cors.allowed_headers[{i}]");
+                hdrs.push(match h.trim().strip_suffix('*') {
+                    Some(prefix) => {
+                        let prefix = prefix.to_ascii_lowercase();
+                        parse_header_name(&format!("{prefix}x"), &at)?;
+                        HeaderPattern::Prefix(prefix)
+                    }
+                    None => HeaderPattern::Exact(parse_header_name(h, &at)?),
+                });
             }
+            let mut expose = Vec::new();
+            for (i, h) in c.expose_headers.iter().enumerate() {
+                expose.push(parse_header_name(h, &format!("cors.expose_headers[{i}]"))?);
+            }
+            let expose: Vec<&str> = expose.iter().map(|h| h.as_str()).collect();
+            let expose_headers =
+                (!expose.is_empty()).then(|| HeaderValue::from_str(&expose.join(", ")).ok()).flatten();
             Some(Cors {
                 allowed_origins: origins,
                 any_origin,
                 allowed_methods: parse_methods(&c.allowed_methods, "cors.allowed_methods")?,
                 allowed_headers: hdrs,
+                expose_headers,
                 allow_credentials: c.allow_credentials,
                 max_age: c.max_age.0,
             })
@@ -313,11 +332,22 @@ fn limits(raw: &RawConfig) -> Result<Limits, Invalid> {
 }
 
 /// `[[routes]]`: names unique, at least one.
-fn routes(raw: &RawConfig, server: &Server, env: &dyn Env) -> Result<Vec<Route>, Invalid> {
+fn routes(
+    raw: &RawConfig,
+    server: &Server,
+    auth: &Auth,
+    env: &dyn Env,
+) -> Result<Vec<Route>, Invalid> {
     let mut routes = Vec::new();
     let mut names = HashSet::new();
     for (i, r) in raw.routes.iter().enumerate() {
-        let route = build_route(r, i, server, env)?;
+        let mut route = build_route(r, i, server, env)?;
+        // SPEC §2: a route's own `query_param` overrides `auth.query_param` ("" = off there),
+        // so keys in URLs can be allowed for a WebSocket route and refused on the JSON API.
+        route.query_param = match &r.query_param {
+            None => auth.query_param.clone(),
+            Some(q) => query_param(q, &format!("routes[{i}].query_param"), env)?,
+        };
         if !names.insert(route.name.clone()) {
             return Err(invalid(
                 format!("routes[{i}].name"),
@@ -615,6 +645,7 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         websocket: r.websocket,
         llm: r.llm,
         upstream_headers,
+        query_param: None,
     })
 }
 

@@ -129,9 +129,29 @@ pub struct Cors {
     pub allowed_origins: Vec<String>,
     pub any_origin: bool,
     pub allowed_methods: Vec<Method>,
-    pub allowed_headers: Vec<HeaderName>,
+    pub allowed_headers: Vec<HeaderPattern>,
+    /// `Access-Control-Expose-Headers`, joined once (none when the list is empty).
+    pub expose_headers: Option<HeaderValue>,
     pub allow_credentials: bool,
     pub max_age: Duration,
+}
+
+/// An allowed request header: a name, or a prefix written with a trailing `*` (`x-stainless-*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPattern {
+    Exact(HeaderName),
+    Prefix(String),
+}
+
+impl HeaderPattern {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            HeaderPattern::Exact(n) => n.as_str().eq_ignore_ascii_case(name),
+            HeaderPattern::Prefix(p) => name
+                .get(..p.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(p)),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +241,9 @@ pub struct Route {
     /// OpenAI-style API: JSON request bodies are read for the model (SPEC §7).
     pub llm: bool,
     pub upstream_headers: Vec<UpstreamHeader>,
+    /// The query parameter a key may come in on this route: the route's `query_param`, else
+    /// `auth.query_param`; `None`: keys only in headers here.
+    pub query_param: Option<String>,
 }
 
 /// A validation failure: the key path it concerns and what is wrong.

@@ -179,6 +179,7 @@ pub struct RawCors {
     pub allowed_origins: Vec<String>,
     pub allowed_methods: Vec<String>,
     pub allowed_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
     pub allow_credentials: bool,
     pub max_age: ConfDuration,
 }
@@ -188,11 +189,20 @@ impl Default for RawCors {
         RawCors {
             allowed_origins: Vec::new(),
             allowed_methods: vec!["GET".into(), "POST".into(), "OPTIONS".into()],
-            allowed_headers: vec![
-                "authorization".into(),
-                "content-type".into(),
-                "x-api-key".into(),
-            ],
+            // What the OpenAI and Anthropic browser SDKs send, besides the key and the body type.
+            allowed_headers: [
+                "authorization",
+                "content-type",
+                "x-api-key",
+                "openai-*",
+                "anthropic-*",
+                "x-stainless-*",
+            ]
+            .map(String::from)
+            .to_vec(),
+            expose_headers: ["x-request-id", "retry-after", "ratelimit", "ratelimit-policy"]
+                .map(String::from)
+                .to_vec(),
             allow_credentials: false,
             max_age: ConfDuration(std::time::Duration::from_secs(600)),
         }
@@ -264,6 +274,8 @@ pub struct RawRoute {
     pub llm: bool,
     #[serde(default)]
     pub upstream_headers: BTreeMap<String, String>,
+    /// Overrides `auth.query_param` on this route (`""`: no key in the query here).
+    pub query_param: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

@@ -79,8 +79,10 @@ struct Ctx {
     head: bool,
     /// The tightest rate limit that applied, for the `RateLimit` response headers.
     rate: Option<(Allowed, std::time::Duration)>,
-    /// An allowed cross-origin request: the Origin to echo.
-    cors_origin: Option<HeaderValue>,
+    /// The CORS verdict on the request's Origin (taken at entry, acted on at step 6).
+    cors: crate::cors::Verdict,
+    /// A CORS preflight answered by the gateway (outcome `preflight`).
+    preflight: bool,
     /// Keeps the connection counted as busy until the response ends.
     active: Option<Active>,
     /// The share of `limits.max_buffered_bytes` the request's body holds while it is in
@@ -156,13 +158,15 @@ pub async fn handle(
         client_ip,
         head: req.method() == Method::HEAD,
         rate: None,
-        cors_origin: None,
+        cors: steps::cors_verdict(&live, conn, &req),
+        preflight: false,
         active: Some(active),
         buffered: None,
         record,
     };
 
     let (resp, tunnel, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
+        Ok((resp, tunnel)) if ctx.preflight => (resp, tunnel, "preflight"),
         Ok((resp, tunnel)) => (resp, tunnel, "forwarded"),
         Err(e) => (e.response(), None, e.code()),
     };
@@ -195,7 +199,7 @@ async fn process(
     // limited too).
     let who = steps::admit_client(shared, live, ctx, route)?;
     // Step 6: CORS; a preflight is answered here.
-    if let Some(preflight) = steps::cors(live, conn, ctx, &req, routed.preflight)? {
+    if let Some(preflight) = steps::cors(live, ctx, &req, routed.preflight)? {
         return Ok((preflight, None));
     }
     // Step 7: the API key, its scope and expiry.

@@ -78,7 +78,7 @@ pub(super) fn finish(
             parts.headers.insert(&RATELIMIT, s);
         }
     }
-    if let Some(origin) = &ctx.cors_origin {
+    if let crate::cors::Verdict::Allowed(origin) = &ctx.cors {
         cors::decorate(
             &mut parts.headers,
             live.config.cors.as_ref(),

@@ -105,33 +105,38 @@ pub(super) fn admit_client(
 /// preflight is answered here (`Some`); a foreign Origin is refused.
 pub(super) fn cors(
     live: &Live,
-    conn: ConnInfo,
     ctx: &mut Ctx,
     req: &Request<Incoming>,
     preflight: bool,
 ) -> Result<Option<Response<ResponseBody>>, GatewayError> {
     let cfg = &live.config;
-    match cors::check(
+    let requested = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+    let answer = match &ctx.cors {
+        Verdict::Refused => return Err(GatewayError::OriginNotAllowed),
+        Verdict::Allowed(origin) if preflight => {
+            cors::preflight(cfg.cors.as_ref(), origin.clone(), requested)
+        }
+        Verdict::NotCors if preflight => {
+            cors::preflight(None, HeaderValue::from_static("null"), requested)
+        }
+        Verdict::Allowed(_) | Verdict::NotCors => return Ok(None),
+    };
+    ctx.preflight = true;
+    Ok(Some(answer))
+}
+
+/// The CORS verdict on a request's `Origin`, taken when the request enters the pipeline: an
+/// allowed origin's CORS headers then go on every answer, whichever step gives it (SPEC §3 step
+/// 6); refusing a foreign origin stays step 6's.
+pub(super) fn cors_verdict(live: &Live, conn: ConnInfo, req: &Request<Incoming>) -> Verdict {
+    let cfg = &live.config;
+    cors::check(
         cfg.cors.as_ref(),
         req.headers(),
         conn.tls,
         crate::proxy::headers::authority(req.headers(), req.uri()),
         |h| cfg.routes.iter().any(|r| r.host.as_deref() == Some(h)),
-    ) {
-        Verdict::Refused => Err(GatewayError::OriginNotAllowed),
-        Verdict::Allowed(origin) if preflight => {
-            Ok(Some(cors::preflight(cfg.cors.as_ref(), origin)))
-        }
-        Verdict::NotCors if preflight => Ok(Some(cors::preflight(
-            None,
-            HeaderValue::from_static("null"),
-        ))),
-        Verdict::Allowed(origin) => {
-            ctx.cors_origin = Some(origin);
-            Ok(None)
-        }
-        Verdict::NotCors => Ok(None),
-    }
+    )
 }
 
 /// Step 7: the API key on routes that ask for one, then its scope and expiry. Invalid and
@@ -148,7 +153,12 @@ pub(super) fn authenticate(
         return Ok(None);
     }
     let cfg = &live.config;
-    let presented = auth::extract(req.headers(), req.uri().query(), &cfg.auth);
+    let presented = auth::extract_with(
+        req.headers(),
+        req.uri().query(),
+        &cfg.auth.headers,
+        route.query_param.as_deref(),
+    );
     match live.keys.check(
         &cfg.keys,
         presented,

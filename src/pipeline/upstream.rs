@@ -128,7 +128,7 @@ pub(super) async fn forward(
         route,
         path,
         parts.uri.query(),
-        cfg.auth.query_param.as_deref(),
+        route.query_param.as_deref(),
     )?;
     headers::forwarded(
         &mut parts,
