@@ -135,7 +135,11 @@ pub fn preflight(
         })
         .collect();
     let requested = requested.and_then(|r| r.to_str().ok()).unwrap_or_default();
-    for name in requested.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+    for name in requested
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
         let name_lower = name.to_ascii_lowercase();
         if c.allowed_headers.iter().any(|p| p.matches(name))
             && !allowed.iter().any(|a| a.eq_ignore_ascii_case(name))

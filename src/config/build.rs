@@ -287,8 +287,9 @@ fn cors(raw: &RawConfig, env: &dyn Env) -> Result<Option<Cors>, Invalid> {
                 expose.push(parse_header_name(h, &format!("cors.expose_headers[{i}]"))?);
             }
             let expose: Vec<&str> = expose.iter().map(|h| h.as_str()).collect();
-            let expose_headers =
-                (!expose.is_empty()).then(|| HeaderValue::from_str(&expose.join(", ")).ok()).flatten();
+            let expose_headers = (!expose.is_empty())
+                .then(|| HeaderValue::from_str(&expose.join(", ")).ok())
+                .flatten();
             Some(Cors {
                 allowed_origins: origins,
                 any_origin,

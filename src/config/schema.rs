@@ -200,9 +200,14 @@ impl Default for RawCors {
             ]
             .map(String::from)
             .to_vec(),
-            expose_headers: ["x-request-id", "retry-after", "ratelimit", "ratelimit-policy"]
-                .map(String::from)
-                .to_vec(),
+            expose_headers: [
+                "x-request-id",
+                "retry-after",
+                "ratelimit",
+                "ratelimit-policy",
+            ]
+            .map(String::from)
+            .to_vec(),
             allow_credentials: false,
             max_age: ConfDuration(std::time::Duration::from_secs(600)),
         }

@@ -124,12 +124,7 @@ pub(super) async fn forward(
     let is_ws = route.websocket
         && parts.version == Version::HTTP_11
         && headers::is_websocket_upgrade(&parts.headers);
-    let uri = route::upstream_uri(
-        route,
-        path,
-        parts.uri.query(),
-        route.query_param.as_deref(),
-    )?;
+    let uri = route::upstream_uri(route, path, parts.uri.query(), route.query_param.as_deref())?;
     headers::forwarded(
         &mut parts,
         &headers::Forwarding {
