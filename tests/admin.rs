@@ -49,15 +49,7 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
     assert_eq!(r.status(), 401);
 
     // SPEC §5: counters whose labels are known at startup are there at 0 before any traffic.
-    let text = c
-        .get(format!("{admin}/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&c, &admin).await;
     for needle in [
         "portcullis_config_reloads_total{result=\"ok\"} 0",
         "portcullis_config_reloads_total{result=\"failed\"} 0",
@@ -87,15 +79,7 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
     assert_eq!(gw.reload().await["result"], "ok");
     gw.wait_requests(4).await;
 
-    let text = c
-        .get(format!("{admin}/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape(&c, &admin).await;
     for needle in [
         "portcullis_requests_total{route=\"bridge\",outcome=\"forwarded\"} 2",
         "portcullis_requests_total{route=\"bridge\",outcome=\"rate_limited\"} 1",
@@ -114,4 +98,16 @@ async fn health_readiness_and_metrics_that_move_with_traffic() {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
     assert!(!text.contains(KEY) && !text.contains(TOKEN));
+}
+
+/// `/metrics` with the token.
+async fn scrape(c: &reqwest::Client, admin: &str) -> String {
+    c.get(format!("{admin}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

@@ -51,14 +51,7 @@ async fn closed_at_accept(addr: SocketAddr) -> bool {
 
 #[tokio::test]
 async fn the_129th_connection_from_one_address_is_closed_at_accept() {
-    let up = upstream().await;
-    let config = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
-        server_section(""),
-        up.url()
-    );
-    let gw = Gateway::start(&config).await;
+    let (gw, _up) = gateway().await;
     let mut open = Vec::new();
     for _ in 0..128 {
         open.push(served(gw.addr, "/x").await);
@@ -80,14 +73,7 @@ async fn the_129th_connection_from_one_address_is_closed_at_accept() {
 
 #[tokio::test]
 async fn the_admin_listener_serves_at_most_64_connections_at_once() {
-    let up = upstream().await;
-    let config = format!(
-        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\
-         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
-        server_section(""),
-        up.url()
-    );
-    let gw = Gateway::start(&config).await;
+    let (gw, _up) = gateway().await;
     let admin = gw.admin_addr();
     let mut open = Vec::new();
     for _ in 0..64 {
@@ -102,4 +88,16 @@ async fn the_admin_listener_serves_at_most_64_connections_at_once() {
         .await
         .expect("served once a slot came free")
         .unwrap();
+}
+
+/// A gateway with an admin listener and one open route to the test upstream.
+async fn gateway() -> (Gateway, Upstream) {
+    let up = upstream().await;
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section(""),
+        up.url()
+    );
+    (Gateway::start(&config).await, up)
 }
