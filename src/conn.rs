@@ -75,8 +75,8 @@ pub struct ConnState {
     /// Woken by the first request, so that the idle timer is armed then (an idle_timeout shorter
     /// than header_timeout must not wait for the first-head deadline to go by first).
     pub(crate) first_request: tokio::sync::Notify,
-    /// The send clocks of the connection's responses (see [`SendClock`]); dead ones are pruned
-    /// when the watchdog looks.
+    /// The send clocks of the connection's responses (see `proxy::body::SendClock`); ended ones
+    /// are pruned when the watchdog looks and as new ones register.
     pub(crate) sending: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
     /// Set when the watchdog cut the connection for a client that stopped reading.
     pub(crate) stalled: std::sync::atomic::AtomicBool,
@@ -143,9 +143,7 @@ impl Active {
         conn.stamp();
         Active(conn.clone())
     }
-}
 
-impl Active {
     /// A send clock for one response of this connection, watched by its watchdog.
     pub fn send_clock(&self) -> crate::proxy::body::SendClock {
         let c = Arc::new(AtomicU64::new(0));

@@ -19,14 +19,14 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// What the response body carries to its end: the record, and the connection's busy mark.
 struct Guard {
     record: Record,
-    _active: Option<Active>,
+    active: Option<Active>,
 }
 
 impl Drop for Guard {
     /// Dropped without an ending: the client went away — or, when the watchdog cut the
     /// connection, stopped reading (a record already written is not written again).
     fn drop(&mut self) {
-        if self._active.as_ref().is_some_and(Active::stalled) {
+        if self.active.as_ref().is_some_and(Active::stalled) {
             self.record.end(Ending::ClientStalled);
         }
     }
@@ -117,7 +117,7 @@ pub(super) fn finish(
     // The connection counts as busy (for idle_timeout) until this response body has ended.
     let guard = Box::new(Guard {
         record,
-        _active: ctx.active.take(),
+        active: ctx.active.take(),
     });
     let idle = live.config.server.stream_idle_timeout;
     let mut body = Streamed::new(body, idle, out, u64::MAX, Some(guard));
