@@ -61,6 +61,9 @@ pub enum StartError {
     Audit(std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// A worker thread or its runtime could not be started (`server.workers`).
+    #[error("server.workers: cannot start a worker: {0}")]
+    Workers(std::io::Error),
     /// A reload that changes what only a restart can change.
     #[error("{0} needs a restart")]
     NeedsRestart(&'static str),
@@ -166,12 +169,11 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
     let grace = cfg.server.shutdown_grace;
+    let workers = cfg.server.worker_count();
     let serve = build_serve(cfg, tls, ledger, budgets, audit.clone(), shutdown.clone());
-    let accept_tasks: Vec<_> = listeners
-        .bound
-        .into_iter()
-        .map(|(l, _)| tokio::spawn(server::accept_loop(serve.clone(), l)))
-        .collect();
+    let listening = listeners.bound.into_iter().map(|(l, _)| l).collect();
+    let workers =
+        server::Workers::start(&serve, listening, workers).map_err(StartError::Workers)?;
 
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The admin listener outlives the client listeners: it answers 503 on /readyz while draining.
@@ -200,10 +202,9 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     systemd::stopping();
     watchdog.abort();
     shutdown.cancel();
-    for t in accept_tasks {
-        let _ = t.await;
-    }
+    workers.accepting_stopped().await;
     drain(&serve, grace).await;
+    workers.finish().await;
     if let Some(ledger) = serve.shared.ledger.clone() {
         let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
     }
@@ -391,6 +392,9 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         let old = serve.shared.live.load();
         if cfg.server.listen != old.config.server.listen {
             tracing::warn!("server.listen changed: takes effect at the next restart");
+        }
+        if cfg.server.workers != old.config.server.workers {
+            tracing::warn!("server.workers changed: takes effect at the next restart");
         }
         // The admin listener is bound once; its token is reloadable, its existence is not (a
         // reload that removed [admin] must not leave /metrics open under the old listener).

@@ -125,7 +125,9 @@ fn run(cli_path: Option<PathBuf>) -> ExitCode {
         Err(c) => return c,
     };
     let path = config::resolve_path(cli_path.as_deref(), &env);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // This thread's runtime runs the control side (signals, reload, admin, drain); connections
+    // are served by `server.workers` worker threads with a runtime each (server::Workers).
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

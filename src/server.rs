@@ -120,6 +120,93 @@ pub async fn accept_loop(serve: Arc<Serve>, listener: TcpListener) {
     }
 }
 
+/// The threads that serve connections: nginx's worker model with threads. Each worker runs a
+/// current-thread tokio runtime and accepts on every listener itself (the listening sockets are
+/// shared, one file descriptor per worker), so a connection, its requests, their upstream
+/// exchanges and the pooled upstream connections they use all live on the thread that accepted
+/// it: no work stealing and no cross-thread wake-ups on the request path. State that is
+/// per-process (limits, keys, budgets, connection counts) is shared as before.
+///
+/// One shared socket rather than `SO_REUSEPORT` sockets: a second gateway started on the same
+/// port by mistake must fail to bind, not silently take a share of the connections. The cost is
+/// that every idle worker wakes for a new connection and one accepts it; keep-alive clients make
+/// that rare, and a busy worker polls its sockets less often, so idle workers take the new ones.
+pub struct Workers {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// The accept loops, across all workers; closed and awaited at shutdown.
+    accepting: TaskTracker,
+    /// Ends the workers' runtimes (dropping whatever still runs on them) once drained.
+    stop: CancellationToken,
+}
+
+impl Workers {
+    /// Starts `count` workers accepting on `listeners` (which move to them). Each worker's
+    /// runtime is built here, so a failure to start one fails startup.
+    pub fn start(
+        serve: &Arc<Serve>,
+        listeners: Vec<TcpListener>,
+        count: usize,
+    ) -> std::io::Result<Workers> {
+        let std_listeners = listeners
+            .into_iter()
+            .map(TcpListener::into_std)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let accepting = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let mut threads = Vec::with_capacity(count);
+        for i in 0..count.max(1) {
+            let own = std_listeners
+                .iter()
+                .map(std::net::TcpListener::try_clone)
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (serve, accepting, stop) = (serve.clone(), accepting.clone(), stop.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("portcullis-w{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        for l in own {
+                            match TcpListener::from_std(l) {
+                                Ok(l) => {
+                                    accepting.spawn(accept_loop(serve.clone(), l));
+                                }
+                                Err(e) => tracing::error!(error = %e, "worker cannot accept"),
+                            }
+                        }
+                        stop.cancelled().await;
+                    });
+                })?;
+            threads.push(thread);
+        }
+        Ok(Workers {
+            threads,
+            accepting,
+            stop,
+        })
+    }
+
+    /// Waits until every worker has stopped accepting (after `Serve::shutdown`).
+    pub async fn accepting_stopped(&self) {
+        self.accepting.close();
+        self.accepting.wait().await;
+    }
+
+    /// Ends the workers and waits for their threads; whatever still runs on them is dropped
+    /// (after the drain, only what `shutdown_grace` cut).
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+}
+
 /// Serves one already-accepted stream as [`accept_loop`] would (TLS if configured); returns when
 /// the connection ends. For benchmarks that drive the gateway over in-memory streams. `None` when
 /// `max_connections` are already open.

@@ -89,6 +89,12 @@ fn server(raw: &RawConfig, env: &dyn Env) -> Result<(Server, Option<TlsFiles>), 
             "must be at least 1",
         ));
     }
+    if s.workers > 1024 {
+        return Err(invalid(
+            "server.workers",
+            "must be between 0 (one per CPU) and 1024",
+        ));
+    }
     if s.max_header_bytes.0 < 1024 || s.max_header_bytes.0 > (1 << 20) {
         return Err(invalid(
             "server.max_header_bytes",
@@ -151,6 +157,7 @@ fn server(raw: &RawConfig, env: &dyn Env) -> Result<(Server, Option<TlsFiles>), 
         max_header_bytes: s.max_header_bytes.0 as usize,
         http2_max_concurrent_streams: s.http2_max_concurrent_streams,
         allow_plaintext_public: s.allow_plaintext_public,
+        workers: s.workers as usize,
     };
     Ok((server, tls))
 }

@@ -92,6 +92,19 @@ pub struct Server {
     pub max_header_bytes: usize,
     pub http2_max_concurrent_streams: u32,
     pub allow_plaintext_public: bool,
+    /// Worker threads serving connections, one runtime each; 0 for one per usable CPU.
+    pub workers: usize,
+}
+
+impl Server {
+    /// `workers`, with 0 resolved to the CPUs this process may run on (its affinity mask, as
+    /// `taskset` or systemd's `CPUAffinity=` set it).
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

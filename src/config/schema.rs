@@ -89,6 +89,7 @@ pub struct RawServer {
     pub max_header_bytes: ByteSize,
     pub http2_max_concurrent_streams: u32,
     pub allow_plaintext_public: bool,
+    pub workers: u32,
 }
 
 impl Default for RawServer {
@@ -108,6 +109,7 @@ impl Default for RawServer {
             max_header_bytes: ByteSize(32 << 10),
             http2_max_concurrent_streams: 100,
             allow_plaintext_public: false,
+            workers: 0,
         }
     }
 }

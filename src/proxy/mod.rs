@@ -18,29 +18,42 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use self::body::{BodyError, Cause, ResponseBody, find_body_error};
 use crate::error::GatewayError;
 
-pub struct Forwarder {
-    client: Client<HttpConnector, ResponseBody>,
+type UpstreamClient = Client<HttpConnector, ResponseBody>;
+
+/// Idle upstream connections kept per upstream and worker thread. Above the concurrency one
+/// worker sees (HTTP/2 clients multiplex: 50 connections of 10 streams are 500 exchanges at
+/// once), so that a busy moment's connections are reused, not closed and opened again; an idle
+/// one is closed after 60 s.
+const POOL_MAX_IDLE_PER_HOST: usize = 1024;
+
+thread_local! {
+    /// One upstream client, and so one connection pool, per thread. The gateway serves on worker
+    /// threads with a runtime each (`server::Workers`): a pooled connection's task is spawned on
+    /// the runtime that opened it, so with a pool per thread a request, its upstream connection
+    /// and that connection's task stay on one thread, with no cross-thread wake-up.
+    static CLIENT: UpstreamClient = client();
 }
 
-impl Default for Forwarder {
-    fn default() -> Self {
-        Self::new()
-    }
+fn client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(true);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        .build(http)
 }
+
+/// Sends requests upstream through the calling thread's connection pool.
+#[derive(Default)]
+pub struct Forwarder {}
 
 impl Forwarder {
     pub fn new() -> Forwarder {
-        let mut http = HttpConnector::new();
-        http.set_nodelay(true);
-        http.enforce_http(true);
-        http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(128)
-            .build(http);
-        Forwarder { client }
+        Forwarder {}
     }
 
     /// Sends `req` and waits for the response head for at most `timeout`.
@@ -49,7 +62,8 @@ impl Forwarder {
         req: Request<ResponseBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        let client = CLIENT.with(UpstreamClient::clone);
+        match tokio::time::timeout(timeout, client.request(req)).await {
             Err(_) => Err(SendError {
                 error: GatewayError::UpstreamTimeout,
                 connected: true,
