@@ -83,6 +83,7 @@ fn row(i: u64) -> Row {
         ts_ms: 1_763_900_000_000 + i as i64,
         request_id: format!("01JDQ5Z3W4N7X8Y9ZABCDEF{i:03}"),
         key_id: Some("phone".to_owned()),
+        user: None,
         route: "bridge".to_owned(),
         model: Some("openai/gpt-4o-mini".to_owned()),
         prompt_tokens: Some(1200),

@@ -266,6 +266,9 @@ pub struct BudgetEvent {
     pub ts: String,
     pub event: &'static str,
     pub key_id: Option<String>,
+    /// The key's user, for a `user_budget` cap (SPEC §8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub period: &'static str,
     pub unit: &'static str,
     pub spent: f64,

@@ -96,6 +96,35 @@ pub fn extract_with<'a>(
     }
 }
 
+/// A key's user as its `user_header` names it (SPEC §8): 1 to 128 characters of
+/// `[A-Za-z0-9._@:-]`. `Ok(None)` when the header is absent; `Err` (400) when it is repeated or
+/// its value is anything else, so that one user cannot pass as another or as none.
+pub fn user_name<'a>(
+    headers: &'a HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<&'a str>, crate::error::GatewayError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(v) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(crate::error::GatewayError::BadRequest);
+    }
+    valid_user(v.as_bytes())
+        .map(Some)
+        .ok_or(crate::error::GatewayError::BadRequest)
+}
+
+/// `bytes` as a user name, if it is one (see [`user_name`]).
+pub fn valid_user(bytes: &[u8]) -> Option<&str> {
+    let ok = (1..=128).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b':' | b'-'));
+    // All ASCII: the conversion cannot fail.
+    ok.then(|| std::str::from_utf8(bytes).ok()).flatten()
+}
+
 /// The query string without `param` (SPEC §2 `auth.query_param`: stripped before forwarding).
 pub fn strip_query_param(query: &str, param: &str) -> Option<String> {
     let kept: Vec<&str> = query

@@ -1056,3 +1056,45 @@ proptest! {
         prop_assert_eq!(Rate::parse(&Rate::Off.to_string()), Ok(Rate::Off));
     }
 }
+
+// ---------------------------------------------------------------- 6. user names
+
+/// Bytes a user name may hold (SPEC §8 `user_header`).
+fn is_user_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b':' | b'-')
+}
+
+const USER_BYTES: &[u8] = b"abcxyzABCXYZ0189._@:-";
+
+/// Byte strings around the edges of a user name: allowed bytes only (of every length up to past
+/// 128), one other byte among them, and anything at all.
+fn user_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let allowed = || prop::collection::vec(prop::sample::select(USER_BYTES), 0..140);
+    prop_oneof![
+        3 => allowed(),
+        3 => (allowed(), any::<u8>(), any::<prop::sample::Index>()).prop_map(|(mut v, b, at)| {
+            v.insert(at.index(v.len() + 1), b);
+            v
+        }),
+        1 => prop::collection::vec(any::<u8>(), 0..140),
+        1 => (120usize..136).prop_map(|n| vec![b'a'; n]),
+    ]
+}
+
+proptest! {
+    #![proptest_config(proptest_config())]
+
+    /// `auth::valid_user` accepts exactly 1 to 128 bytes of `[A-Za-z0-9._@:-]`, and then
+    /// returns the input itself.
+    #[test]
+    fn a_user_name_is_1_to_128_allowed_bytes_returned_unchanged(bytes in user_bytes()) {
+        let want = (1..=128).contains(&bytes.len()) && bytes.iter().all(|b| is_user_byte(*b));
+        match auth::valid_user(&bytes) {
+            Some(s) => {
+                prop_assert!(want, "accepted {:?}", String::from_utf8_lossy(&bytes));
+                prop_assert_eq!(s.as_bytes(), &bytes[..]);
+            }
+            None => prop_assert!(!want, "refused {:?}", String::from_utf8_lossy(&bytes)),
+        }
+    }
+}

@@ -38,9 +38,15 @@ impl Config {
         let budgeted = (!budgets.is_empty())
             .then(|| "budgets".to_owned())
             .or_else(|| {
-                keys.iter()
-                    .position(|k| !k.budget.is_empty())
-                    .map(|i| format!("keys[{i}].budget"))
+                keys.iter().enumerate().find_map(|(i, k)| {
+                    if !k.budget.is_empty() {
+                        Some(format!("keys[{i}].budget"))
+                    } else if !k.user_budget.is_empty() {
+                        Some(format!("keys[{i}].user_budget"))
+                    } else {
+                        None
+                    }
+                })
             });
         if let Some(path) = budgeted
             && !has_ledger
@@ -425,8 +431,27 @@ fn keys(raw: &RawConfig, routes: &[Route], env: &dyn Env) -> Result<Vec<Key>, In
             None => Arc::from([]),
             Some(b) => caps(b, &p("budget"))?.into(),
         };
+        let user_header =
+            match k.user_header.as_deref().map(str::trim) {
+                None | Some("") => None,
+                Some(h) => Some(http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                    invalid(p("user_header"), format!("{h:?} is not a header name"))
+                })?),
+            };
+        let user_budget: Arc<[_]> = match &k.user_budget {
+            None => Arc::from([]),
+            Some(b) => caps(b, &p("user_budget"))?.into(),
+        };
+        if !user_budget.is_empty() && user_header.is_none() {
+            return Err(invalid(
+                p("user_budget"),
+                "needs user_header: the request header that names the user",
+            ));
+        }
         keys.push(Key {
             budget,
+            user_header,
+            user_budget,
             models,
             id: id.to_owned(),
             hash,
@@ -498,9 +523,12 @@ fn check_caps_against_usage(
 ) -> Result<(), Invalid> {
     use crate::llm::budget::{Period, Unit};
     let scopes = std::iter::once(("budgets".to_owned(), gateway)).chain(
-        keys.iter()
-            .enumerate()
-            .map(|(i, k)| (format!("keys[{i}].budget"), &*k.budget)),
+        keys.iter().enumerate().flat_map(|(i, k)| {
+            [
+                (format!("keys[{i}].budget"), &*k.budget),
+                (format!("keys[{i}].user_budget"), &*k.user_budget),
+            ]
+        }),
     );
     let Some(usage) = usage else { return Ok(()) };
     for (at, caps) in scopes {

@@ -192,6 +192,11 @@ pub struct Key {
     pub models: Option<Vec<crate::llm::request::ModelPattern>>,
     /// The key's own caps (SPEC §7 `budget`).
     pub budget: Arc<[crate::llm::budget::Cap]>,
+    /// The request header naming the key's user (SPEC §8), e.g. OpenWebUI's
+    /// `x-openwebui-user-id`.
+    pub user_header: Option<http::HeaderName>,
+    /// Caps for each user of the key separately, on top of `budget`.
+    pub user_budget: Arc<[crate::llm::budget::Cap]>,
 }
 
 impl fmt::Debug for Key {

@@ -251,6 +251,8 @@ pub struct RawKey {
     pub disabled: bool,
     pub models: Option<Vec<String>>,
     pub budget: Option<RawBudget>,
+    pub user_header: Option<String>,
+    pub user_budget: Option<RawBudget>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,6 +19,8 @@ pub struct Admission<'a> {
     pub live: &'a Live,
     pub book: Option<&'a Arc<Book>>,
     pub key_index: Option<usize>,
+    /// The key's user (its `user_header`), held to the key's `user_budget`.
+    pub user: Option<&'a str>,
     /// The client speaks Anthropic's Messages API (it sent `anthropic-version`): its requests
     /// are never given OpenAI's `stream_options`.
     pub anthropic: bool,
@@ -35,9 +37,10 @@ impl Admission<'_> {
         let cfg = &self.live.config;
         self.book.is_some()
             && (!cfg.budgets.is_empty()
-                || self
-                    .key_index
-                    .is_some_and(|k| !cfg.keys[k].budget.is_empty()))
+                || self.key_index.is_some_and(|k| {
+                    !cfg.keys[k].budget.is_empty()
+                        || (self.user.is_some() && !cfg.keys[k].user_budget.is_empty())
+                }))
     }
 
     fn default_completion(&self) -> u64 {
@@ -153,12 +156,15 @@ impl Admission<'_> {
             return Ok(());
         };
         let (live, cfg) = (self.live, &self.live.config);
+        let key = self.key_index.map(|k| &cfg.keys[k]);
+        let user_caps = key.map_or_else(|| Arc::from([]), |k| k.user_budget.clone());
         let applies = Applies {
             key: self.key_index.map(|k| live.key_ids[k].clone()),
+            // A user has an account only where there is a cap to hold them to.
+            user: self.user.filter(|_| !user_caps.is_empty()).map(Arc::from),
             // Shared slices: a refcount each, no copy of the caps per request.
-            key_caps: self
-                .key_index
-                .map_or_else(|| Arc::from([]), |k| cfg.keys[k].budget.clone()),
+            key_caps: key.map_or_else(|| Arc::from([]), |k| k.budget.clone()),
+            user_caps,
             gateway_caps: cfg.budgets.clone(),
         };
         let reservation: Reservation = book

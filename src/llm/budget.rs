@@ -152,8 +152,31 @@ impl Amount {
     }
 }
 
-/// Who a cap belongs to: a key (by id), or the gateway as a whole (`None`).
-pub type Scope = Option<Arc<str>>;
+/// Whose spend an account holds: the gateway's as a whole (no key), a key's (by id), or one
+/// user's of a key (SPEC §8 `user_budget`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub key: Option<Arc<str>>,
+    pub user: Option<Arc<str>>,
+}
+
+impl Scope {
+    pub fn gateway() -> Scope {
+        Scope::default()
+    }
+
+    pub fn key(id: Arc<str>) -> Scope {
+        Scope {
+            key: Some(id),
+            user: None,
+        }
+    }
+}
+
+/// Users with an account in the book at most: a client holding a key with `user_budget` picks
+/// the user names, so their number is bounded. Past it, a request of a new user is refused
+/// (429 `budget_exceeded`: its spend could not be tracked) and a warning logged.
+const MAX_USER_ACCOUNTS: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct Account {
@@ -180,24 +203,41 @@ impl Account {
 
 pub use crate::audit::BudgetEvent;
 
+/// The ledger's spend of one key (`None`: no key) and user in one period, for [`Book::rebuild`].
+pub type PeriodTotal = (Option<String>, Option<String>, Period, Amount);
+
 #[derive(Default)]
 pub struct Book {
     accounts: Mutex<HashMap<Scope, Account>>,
 }
 
-/// The caps a request is held to: its key's and the gateway's.
+/// The caps a request is held to: its key's, its user's (of that key) and the gateway's.
 #[derive(Debug, Clone, Default)]
 pub struct Applies {
-    pub key: Scope,
+    pub key: Option<Arc<str>>,
+    /// Set only where the key has a `user_budget` (there is nothing to hold otherwise).
+    pub user: Option<Arc<str>>,
     pub key_caps: Arc<[Cap]>,
+    pub user_caps: Arc<[Cap]>,
     pub gateway_caps: Arc<[Cap]>,
 }
 
 impl Applies {
-    fn scopes(&self) -> impl Iterator<Item = (&Scope, &[Cap])> {
-        let key = self.key.as_ref().map(|_| (&self.key, &*self.key_caps));
+    fn scopes(&self) -> impl Iterator<Item = (Scope, &[Cap])> {
+        let key = self
+            .key
+            .as_ref()
+            .map(|k| (Scope::key(k.clone()), &*self.key_caps));
+        let user = self.key.as_ref().zip(self.user.as_ref()).map(|(k, u)| {
+            let scope = Scope {
+                key: Some(k.clone()),
+                user: Some(u.clone()),
+            };
+            (scope, &*self.user_caps)
+        });
         key.into_iter()
-            .chain(std::iter::once((&None, &*self.gateway_caps)))
+            .chain(user)
+            .chain(std::iter::once((Scope::gateway(), &*self.gateway_caps)))
     }
 }
 
@@ -212,15 +252,23 @@ pub struct Reservation {
 
 impl Book {
     /// A book with the spend of the current periods, as read from the ledger: one entry per key
-    /// (`None`: requests without a key) and period. The gateway's totals are their sum.
-    pub fn rebuild(rows: &[(Option<String>, Period, Amount)], now: i64) -> Book {
+    /// (`None`: requests without a key), user and period. The gateway's totals are their sum, a
+    /// key's the sum of its users'.
+    pub fn rebuild(rows: &[PeriodTotal], now: i64) -> Book {
         let book = Book::default();
         {
             let mut acc = book.lock();
-            for (key, period, amount) in rows {
-                let mut scopes = vec![None];
+            for (key, user, period, amount) in rows {
+                let mut scopes = vec![Scope::gateway()];
                 if let Some(k) = key {
-                    scopes.push(Some(Arc::<str>::from(k.as_str())));
+                    let k = Arc::<str>::from(k.as_str());
+                    if let Some(u) = user {
+                        scopes.push(Scope {
+                            key: Some(k.clone()),
+                            user: Some(Arc::from(u.as_str())),
+                        });
+                    }
+                    scopes.push(Scope::key(k));
                 }
                 for scope in scopes {
                     let a = acc.entry(scope).or_default();
@@ -250,7 +298,18 @@ impl Book {
         let mut acc = self.lock();
         let mut refused_until: Option<i64> = None;
         for (scope, caps) in applies.scopes() {
-            let a = acc.entry(scope.clone()).or_default();
+            if scope.user.is_some() && !acc.contains_key(&scope) {
+                let users = acc.keys().filter(|s| s.user.is_some()).count();
+                if users >= MAX_USER_ACCOUNTS {
+                    tracing::warn!(
+                        max = MAX_USER_ACCOUNTS,
+                        "user_budget: too many users to track; a new user's request is refused"
+                    );
+                    let end = Period::Day.bounds(now).1;
+                    return Err(Duration::from_secs((end - now).max(1) as u64));
+                }
+            }
+            let a = acc.entry(scope).or_default();
             a.roll(now);
             for cap in caps {
                 let spent = a.spent[cap.period.index()].get(cap.unit);
@@ -265,7 +324,7 @@ impl Book {
             return Err(Duration::from_secs((end - now).max(1) as u64));
         }
         for (scope, _) in applies.scopes() {
-            acc.entry(scope.clone()).or_default().reserved.add(own);
+            acc.entry(scope).or_default().reserved.add(own);
         }
         drop(acc);
         Ok(Reservation {
@@ -334,7 +393,8 @@ impl Reservation {
                         events.push(BudgetEvent {
                             ts: crate::clock::now_rfc3339(),
                             event: "budget",
-                            key_id: scope.as_deref().map(str::to_owned),
+                            key_id: scope.key.as_deref().map(str::to_owned),
+                            user: scope.user.as_deref().map(str::to_owned),
                             period: cap.period.name(),
                             unit: cap.unit.name(),
                             spent: match cap.unit {
@@ -346,8 +406,11 @@ impl Reservation {
                         });
                     }
                 }
-                // Set under the lock, so the gauge follows the order of the charges.
-                publish(scope, cap, is);
+                // Set under the lock, so the gauge follows the order of the charges. Users are
+                // never a metrics label (their number is the clients' to choose).
+                if scope.user.is_none() {
+                    publish(&scope, cap, is);
+                }
             }
         }
         events
@@ -357,7 +420,12 @@ impl Reservation {
 /// Sets `portcullis_budget_remaining` for `cap`, given what is spent of it.
 fn publish(scope: &Scope, cap: &Cap, spent: f64) {
     let left = round_usd((cap.limit - spent).max(0.0));
-    crate::metrics::budget_remaining(scope.as_deref(), cap.period.name(), cap.unit.name(), left);
+    crate::metrics::budget_remaining(
+        scope.key.as_deref(),
+        cap.period.name(),
+        cap.unit.name(),
+        left,
+    );
 }
 
 impl Drop for Reservation {
@@ -367,7 +435,7 @@ impl Drop for Reservation {
         }
         let mut acc = self.book.lock();
         for (scope, _) in self.applies.scopes() {
-            if let Some(a) = acc.get_mut(scope) {
+            if let Some(a) = acc.get_mut(&scope) {
                 a.reserved.sub(self.own);
             }
         }
@@ -425,7 +493,9 @@ mod tests {
     fn applies(key: &str, key_caps: Vec<Cap>, gateway_caps: Vec<Cap>) -> Applies {
         Applies {
             key: Some(Arc::from(key)),
+            user: None,
             key_caps: key_caps.into(),
+            user_caps: Arc::from([]),
             gateway_caps: gateway_caps.into(),
         }
     }
@@ -461,7 +531,7 @@ mod tests {
             let _ = r.settle(tokens(10.0), now);
         }
         assert_eq!(
-            book.spent(&Some(Arc::from("phone")), Period::Day, now),
+            book.spent(&Scope::key(Arc::from("phone")), Period::Day, now),
             tokens(40.0)
         );
         assert!(book.admit(a(), tokens(25.0), now).is_ok());
@@ -514,11 +584,11 @@ mod tests {
             ]
         );
         assert_eq!(
-            book.spent(&Some(Arc::from("phone")), Period::Day, now)
+            book.spent(&Scope::key(Arc::from("phone")), Period::Day, now)
                 .tokens,
             109.0
         );
-        assert!((book.spent(&None, Period::Month, now).cost - 0.85).abs() < 1e-9);
+        assert!((book.spent(&Scope::gateway(), Period::Month, now).cost - 0.85).abs() < 1e-9);
         // The gateway's month cap is not spent, but the key's day is: 429 until midnight.
         assert_eq!(
             book.admit(a(), tokens(1.0), now).unwrap_err(),
@@ -535,7 +605,7 @@ mod tests {
             limit: 50.0,
         };
         let book = Arc::new(Book::rebuild(
-            &[(Some("phone".into()), Period::Week, tokens(60.0))],
+            &[(Some("phone".into()), None, Period::Week, tokens(60.0))],
             now,
         ));
         let a = applies("phone", vec![DAY_100, week], vec![]);
@@ -544,7 +614,54 @@ mod tests {
             Duration::from_secs((ts("2026-11-30T00:00:00Z") - now) as u64)
         );
         // The rebuilt spend counts for the gateway as a whole too.
-        assert_eq!(book.spent(&None, Period::Week, now), tokens(60.0));
-        assert_eq!(book.spent(&None, Period::Day, now), tokens(0.0));
+        assert_eq!(
+            book.spent(&Scope::gateway(), Period::Week, now),
+            tokens(60.0)
+        );
+        assert_eq!(book.spent(&Scope::gateway(), Period::Day, now), tokens(0.0));
+    }
+
+    #[test]
+    fn each_user_of_a_key_has_its_own_cap_and_the_key_cap_holds_their_sum() {
+        let now = ts("2026-11-23T12:00:00Z");
+        let user_cap = Cap {
+            period: Period::Day,
+            unit: Unit::Tokens,
+            limit: 30.0,
+        };
+        let book = Arc::new(Book::rebuild(
+            &[(
+                Some("webui".into()),
+                Some("alice".into()),
+                Period::Day,
+                tokens(25.0),
+            )],
+            now,
+        ));
+        let a = |user: &str| Applies {
+            key: Some(Arc::from("webui")),
+            user: Some(Arc::from(user)),
+            key_caps: vec![DAY_100].into(),
+            user_caps: vec![user_cap].into(),
+            gateway_caps: Arc::from([]),
+        };
+        // alice's rebuilt spend leaves her 5; bob has his own 30.
+        assert!(book.admit(a("alice"), tokens(10.0), now).is_err());
+        let bob = book.admit(a("bob"), tokens(30.0), now).unwrap();
+        let events = bob.settle(tokens(30.0), now);
+        // bob's own cap crossed 80 % and 100 %; the key's (55 of 100) neither.
+        assert_eq!(events.len(), 2);
+        assert!(events.iter().all(|e| e.user.as_deref() == Some("bob")));
+        assert!(book.admit(a("bob"), tokens(1.0), now).is_err());
+        // The key's cap counts both users: 55 spent, 45 left across all of them.
+        for u in ["carol", "dave"] {
+            let r = book.admit(a(u), tokens(20.0), now).unwrap();
+            let _ = r.settle(tokens(20.0), now);
+        }
+        assert!(book.admit(a("erin"), tokens(10.0), now).is_err());
+        assert_eq!(
+            book.spent(&Scope::key(Arc::from("webui")), Period::Day, now),
+            tokens(95.0)
+        );
     }
 }

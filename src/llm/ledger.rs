@@ -14,14 +14,17 @@ use rusqlite::{Connection, OpenFlags, params};
 /// "PCXU" — set with PRAGMA application_id so a foreign SQLite file is recognised as such.
 const APPLICATION_ID: i64 = 0x5043_5855;
 /// 1: the first ledger; 2 adds what each row charged against budgets (a reservation, when the
-/// response carried no usage). Version 1 files are migrated in place.
-const SCHEMA_VERSION: i64 = 2;
+/// response carried no usage); 3 adds the key's user (SPEC §8 `user_header`). Older files are
+/// migrated in place.
+const SCHEMA_VERSION: i64 = 3;
 const QUEUE: usize = 65_536;
 
 pub struct Row {
     pub ts_ms: i64,
     pub request_id: String,
     pub key_id: Option<String>,
+    /// The key's user (its `user_header`), when it names one.
+    pub user: Option<String>,
     pub route: String,
     pub model: Option<String>,
     pub prompt_tokens: Option<u64>,
@@ -114,19 +117,24 @@ pub fn open(path: &Path) -> Result<Connection, String> {
                  CREATE TABLE usage (
                    ts_ms INTEGER NOT NULL, request_id TEXT NOT NULL, key_id TEXT, route TEXT NOT NULL,
                    model TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, cost_usd REAL,
-                   usage_source TEXT NOT NULL, charged_tokens INTEGER, charged_cost REAL);
+                   usage_source TEXT NOT NULL, charged_tokens INTEGER, charged_cost REAL,
+                   user TEXT);
                  CREATE INDEX usage_ts ON usage (ts_ms);"
             ))
             .map_err(|e| err(path, e))?,
-        Kind::Ledger(1) => conn
-            .execute_batch(&format!(
-                "BEGIN;
-                 ALTER TABLE usage ADD COLUMN charged_tokens INTEGER;
-                 ALTER TABLE usage ADD COLUMN charged_cost REAL;
-                 PRAGMA user_version = {SCHEMA_VERSION};
-                 COMMIT;"
-            ))
-            .map_err(|e| err(path, format!("upgrading the schema: {e}")))?,
+        Kind::Ledger(v) if v < SCHEMA_VERSION => {
+            let mut steps = String::from("BEGIN;");
+            if v < 2 {
+                steps.push_str(
+                    "ALTER TABLE usage ADD COLUMN charged_tokens INTEGER;
+                     ALTER TABLE usage ADD COLUMN charged_cost REAL;",
+                );
+            }
+            steps.push_str("ALTER TABLE usage ADD COLUMN user TEXT;");
+            steps.push_str(&format!("PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"));
+            conn.execute_batch(&steps)
+                .map_err(|e| err(path, format!("upgrading the schema: {e}")))?
+        }
         Kind::Ledger(_) => {}
     }
     conn.pragma_update(None, "journal_mode", "WAL")
@@ -205,8 +213,8 @@ fn writer(mut conn: Connection, path: PathBuf, rx: Receiver<Msg>, retention: Dur
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO usage (ts_ms, request_id, key_id, route, model, prompt_tokens,
-                     completion_tokens, cost_usd, usage_source, charged_tokens, charged_cost)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                     completion_tokens, cost_usd, usage_source, charged_tokens, charged_cost, user)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?;
                 for r in &batch {
                     stmt.execute(params![
@@ -220,7 +228,8 @@ fn writer(mut conn: Connection, path: PathBuf, rx: Receiver<Msg>, retention: Dur
                         r.cost_usd,
                         r.usage_source,
                         r.charged_tokens as i64,
-                        r.charged_cost
+                        r.charged_cost,
+                        r.user
                     ])?;
                 }
             }
@@ -257,6 +266,8 @@ pub enum GroupBy {
     Key,
     Model,
     Day,
+    /// The key's user (`user_header`); `-` for requests without one.
+    User,
 }
 
 impl GroupBy {
@@ -266,6 +277,7 @@ impl GroupBy {
             GroupBy::Key => "key_id",
             GroupBy::Model => "model",
             GroupBy::Day => "day",
+            GroupBy::User => "user",
         }
     }
 
@@ -274,6 +286,7 @@ impl GroupBy {
             GroupBy::Key => "COALESCE(key_id, '-')",
             GroupBy::Model => "COALESCE(model, '-')",
             GroupBy::Day => "strftime('%Y-%m-%d', ts_ms / 1000, 'unixepoch')",
+            GroupBy::User => "COALESCE(user, '-')",
         }
     }
 }
@@ -289,7 +302,15 @@ pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, Str
     if app != APPLICATION_ID {
         return Err(err(path, "is not a portcullis usage ledger"));
     }
-    let group = by.sql();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| err(path, e))?;
+    // A file the gateway has not upgraded yet (read-only here) has no users.
+    let group = if by == GroupBy::User && version < 3 {
+        "'-'"
+    } else {
+        by.sql()
+    };
     let sql = format!(
         "SELECT {group} AS g, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0),
          COALESCE(sum(cost_usd), 0.0) FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY g"
@@ -310,12 +331,12 @@ pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, Str
         .map_err(|e| err(path, e))
 }
 
-/// The spend of the current UTC day, week and month per key (`None`: requests without a key),
-/// for rebuilding the budget book at startup. Rows from before schema 2 count their usage.
+/// The spend of the current UTC day, week and month per key (`None`: requests without a key) and
+/// user, for rebuilding the budget book at startup. Rows from before schema 2 count their usage.
 pub fn period_totals(
     conn: &Connection,
     now: i64,
-) -> rusqlite::Result<Vec<(Option<String>, super::budget::Period, super::budget::Amount)>> {
+) -> rusqlite::Result<Vec<super::budget::PeriodTotal>> {
     use super::budget::{Amount, PERIODS};
     let starts: Vec<i64> = PERIODS.iter().map(|p| p.bounds(now).0 * 1000).collect();
     let since = starts.iter().copied().min().unwrap_or(0);
@@ -330,16 +351,19 @@ pub fn period_totals(
              COALESCE(sum(CASE WHEN ts_ms >= ?{at} THEN {cost} END), 0.0)"
         ));
     }
-    let sql = format!("SELECT key_id{cols} FROM usage WHERE ts_ms >= ?4 GROUP BY key_id");
+    let sql =
+        format!("SELECT key_id, user{cols} FROM usage WHERE ts_ms >= ?4 GROUP BY key_id, user");
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(params![starts[0], starts[1], starts[2], since], |r| {
         let key: Option<String> = r.get(0)?;
+        let user: Option<String> = r.get(1)?;
         let mut out = Vec::new();
         for (i, p) in PERIODS.iter().enumerate() {
-            let t: i64 = r.get(1 + 2 * i)?;
-            let c: f64 = r.get(2 + 2 * i)?;
+            let t: i64 = r.get(2 + 2 * i)?;
+            let c: f64 = r.get(3 + 2 * i)?;
             out.push((
                 key.clone(),
+                user.clone(),
                 *p,
                 Amount {
                     tokens: t as f64,

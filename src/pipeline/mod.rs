@@ -105,12 +105,13 @@ impl Shared {
         let Some(book) = &self.budgets else { return };
         let live = self.live.load();
         let now = crate::clock::now_secs();
-        let scopes = std::iter::once((None, &*live.config.budgets)).chain(
+        use crate::llm::budget::Scope;
+        let scopes = std::iter::once((Scope::gateway(), &*live.config.budgets)).chain(
             live.config
                 .keys
                 .iter()
                 .zip(&live.key_ids)
-                .map(|(k, id)| (Some(id.clone()), &*k.budget)),
+                .map(|(k, id)| (Scope::key(id.clone()), &*k.budget)),
         );
         for (scope, caps) in scopes {
             book.publish(&scope, caps, now);

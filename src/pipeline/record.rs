@@ -58,6 +58,9 @@ pub struct RequestRecord {
     pub path: String,
     pub route: Option<String>,
     pub key_id: Option<String>,
+    /// The key's user, from its `user_header` (SPEC §8); absent when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub status: u16,
     pub outcome: &'static str,
     pub bytes_in: u64,
@@ -145,6 +148,7 @@ impl Record {
                 path: bounded(path.to_owned(), MAX_PATH),
                 route: None,
                 key_id: None,
+                user: None,
                 status: 0,
                 outcome: "forwarded",
                 bytes_in: 0,
@@ -174,6 +178,15 @@ impl Record {
 
     pub fn set_key(&mut self, id: &str) {
         self.fields.key_id = Some(id.to_owned());
+    }
+
+    pub fn set_user(&mut self, user: &str) {
+        self.fields.user = Some(user.to_owned());
+    }
+
+    /// The key's user, once authentication read it.
+    pub fn user(&self) -> Option<&str> {
+        self.fields.user.as_deref()
     }
 
     pub fn set_upstream_ms(&mut self, ms: f64) {
@@ -256,6 +269,7 @@ impl Record {
                     .unwrap_or(0),
                 request_id: f.request_id.clone(),
                 key_id: f.key_id.clone(),
+                user: f.user.clone(),
                 route: route.clone(),
                 model: rec.model.clone(),
                 prompt_tokens: rec.prompt_tokens,

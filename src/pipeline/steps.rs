@@ -166,7 +166,13 @@ pub(super) fn authenticate(
         std::time::SystemTime::now(),
     ) {
         Ok(a) => {
-            ctx.record.set_key(&cfg.keys[a.index].id);
+            let key = &cfg.keys[a.index];
+            ctx.record.set_key(&key.id);
+            if let Some(h) = &key.user_header
+                && let Some(user) = auth::user_name(req.headers(), h)?
+            {
+                ctx.record.set_user(user);
+            }
             Ok(Some(a.index))
         }
         Err((err, known, counts)) => {

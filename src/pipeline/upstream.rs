@@ -31,10 +31,12 @@ pub(super) async fn meter_request(
     key_index: Option<usize>,
     req: Request<Incoming>,
 ) -> Result<Request<ClientBody>, GatewayError> {
+    let user = ctx.record.user().map(str::to_owned);
     let admission = Admission {
         live,
         book: shared.budgets.as_ref(),
         key_index,
+        user: user.as_deref(),
         anthropic: req.headers().contains_key("anthropic-version"),
     };
     let meter = ctx.record.meter.insert(Meter::new(None));
