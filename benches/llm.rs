@@ -1,6 +1,6 @@
 //! Criterion benchmarks of SPEC §7's own hot paths (issue 7): scanning an SSE stream for usage
-//! as it passes (off, on, and on with the injected usage event removed), and the ledger's batched
-//! insert rate. Run: `cargo bench --bench llm`. The end-to-end cost of scanning through the
+//! as it passes (off, on, and on with the injected usage event removed), the ledger's batched
+//! insert rate, and (§8) watching a realtime session's frames for `response.done`. Run: `cargo bench --bench llm`. The end-to-end cost of scanning through the
 //! gateway is a row of `cargo bench --bench load`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -122,5 +122,60 @@ fn ledger_insert(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sse_scan, ledger_insert);
+/// An unmasked server text frame (RFC 6455), as a realtime upstream sends them.
+fn ws_text(payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x81];
+    match payload.len() {
+        n if n < 126 => f.push(n as u8),
+        n if n <= 0xffff => {
+            f.push(126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(payload);
+    f
+}
+
+/// SPEC §8 realtime sessions: the watcher of a tunnel's upstream side, over 1,000 frames of a
+/// voice response (`response.audio.delta`, 2 KiB of base64 audio each, as OpenAI sends them) and
+/// its `response.done`, fed in 16 KiB reads as the tunnel reads them. Per frame: the scanner,
+/// the copy into the message buffer and the `response.done` check.
+fn realtime_frames(c: &mut Criterion) {
+    let audio = "A".repeat(2048);
+    let mut stream = Vec::new();
+    for i in 0..EVENTS {
+        stream.extend(ws_text(
+            format!(
+                r#"{{"type":"response.audio.delta","event_id":"event_{i}","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"{audio}"}}"#
+            )
+            .as_bytes(),
+        ));
+    }
+    stream.extend(ws_text(br#"{"type":"response.done","event_id":"event_done","response":{"id":"resp_1","status":"completed","usage":{"total_tokens":1300,"input_tokens":300,"output_tokens":1000}}}"#));
+    let frames = EVENTS as u64 + 1;
+    let mut g = c.benchmark_group("realtime_1001_frames");
+    g.throughput(Throughput::Elements(frames));
+    g.bench_function("scan", |b| {
+        b.iter(|| {
+            let mut scanner = portcullis::proxy::frames::Scanner::default();
+            let mut done = 0;
+            for chunk in stream.chunks(16 << 10) {
+                scanner.feed(chunk, |m| {
+                    if portcullis::llm::usage::realtime_done(m).is_some() {
+                        done += 1;
+                    }
+                    portcullis::proxy::frames::Flow::Continue
+                });
+            }
+            assert_eq!(done, 1);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sse_scan, ledger_insert, realtime_frames);
 criterion_main!(benches);

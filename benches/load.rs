@@ -80,6 +80,25 @@ async fn upstream_svc(
         }));
         return Ok(event_stream(s));
     }
+    if path.ends_with("/responses_stream") || path.ends_with("/messages_stream") {
+        // The Responses API's and Anthropic Messages' stream shapes (SPEC §8): n delta events,
+        // then the event that carries the usage.
+        let responses = path.ends_with("/responses_stream");
+        let s = futures_util::stream::iter((0..=n).map(move |i| {
+            let ev = match (responses, i < n) {
+                (true, true) => format!(
+                    "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"item_id\":\"msg_abc123\",\"output_index\":0,\"content_index\":0,\"delta\":\"token {i} \"}}\n\n"
+                ),
+                (true, false) => "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_abc123\",\"status\":\"completed\",\"usage\":{\"input_tokens\":12,\"output_tokens\":3,\"total_tokens\":15}}}\n\n".to_owned(),
+                (false, true) => format!(
+                    "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"token {i} \"}}}}\n\n"
+                ),
+                (false, false) => "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n".to_owned(),
+            };
+            Ok::<_, Infallible>(Frame::data(Bytes::from(ev)))
+        }));
+        return Ok(event_stream(s));
+    }
     if path.ends_with("/bytes") {
         let chunk = Bytes::from(vec![b'x'; 256 * 1024]);
         let s = futures_util::stream::unfold(0u64, move |sent| {
@@ -359,6 +378,17 @@ fn pct(v: &[f64], p: f64) -> f64 {
 /// A GET of `target` with the bench key on a new HTTP/1.1 connection: the response body, and
 /// when the request was sent.
 async fn get_body(addr: SocketAddr, target: &str) -> (hyper::body::Incoming, Instant) {
+    request_body(addr, http::Method::GET, target, Bytes::new()).await
+}
+
+/// The same with `method` and a body: usage is read only from answers to POST requests, so the
+/// scanning rows POST a streaming chat request.
+async fn request_body(
+    addr: SocketAddr,
+    method: http::Method,
+    target: &str,
+    body: Bytes,
+) -> (hyper::body::Incoming, Instant) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
@@ -366,10 +396,13 @@ async fn get_body(addr: SocketAddr, target: &str) -> (hyper::body::Incoming, Ins
             .unwrap();
     tokio::spawn(conn);
     let t0 = Instant::now();
-    let req = http::Request::get(target)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(target)
         .header("host", addr.to_string())
         .header("authorization", format!("Bearer {KEY}"))
-        .body(Full::new(Bytes::new()))
+        .header("content-type", "application/json")
+        .body(Full::new(body))
         .unwrap();
     (sender.send_request(req).await.unwrap().into_body(), t0)
 }
@@ -393,7 +426,9 @@ async fn sse_arrivals(addr: SocketAddr) -> Vec<f64> {
 
 /// Seconds to receive a whole `chat_stream` of `n` events from `path`.
 async fn stream_secs(addr: SocketAddr, path: &str, n: u32) -> f64 {
-    let (mut body, t0) = get_body(addr, &format!("{path}?n={n}")).await;
+    let chat = Bytes::from_static(br#"{"model":"openai/gpt-4o-mini","stream":true}"#);
+    let (mut body, t0) =
+        request_body(addr, http::Method::POST, &format!("{path}?n={n}"), chat).await;
     let mut got = 0usize;
     while let Some(f) = body.frame().await {
         got += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
@@ -646,6 +681,31 @@ fn main() {
             (l - p) / n as f64 * 1e6
         ),
     );
+
+    // The same for the Responses API's and Anthropic Messages' stream shapes (SPEC §8).
+    for (shape, path) in [
+        ("Responses", "responses_stream"),
+        ("Messages", "messages_stream"),
+    ] {
+        let (mut plain, mut llm) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            plain.push(rt.block_on(stream_secs(gw.addr, &format!("/v1/{path}"), n)));
+            llm.push(rt.block_on(stream_secs(gw.addr, &format!("/llm/{path}"), n)));
+        }
+        plain.sort_by(|a, b| a.total_cmp(b));
+        llm.sort_by(|a, b| a.total_cmp(b));
+        let (p, l) = (pct(&plain, 0.5), pct(&llm, 0.5));
+        row(
+            &format!("SSE events/s, {shape} shape, scanning off / on"),
+            format!("{:.0} / {:.0}", n as f64 / p, n as f64 / l),
+            String::new(),
+            format!(
+                "scanning costs {:.1} % and {:.2} µs per event",
+                (1.0 - p / l) * 100.0,
+                (l - p) / n as f64 * 1e6
+            ),
+        );
+    }
 
     let rss_after = rss_kib(gw.proc.0.id());
     // 1 GiB streamed down through the gateway: peak RSS.

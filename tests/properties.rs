@@ -13,6 +13,9 @@
 //!   and end offsets in the stream); no event handed out is larger than the limit.
 //! - `config::units`: `Rate::parse`, `ByteSize::parse` and `parse_duration` never panic, round-trip
 //!   generated values, refuse overflow with an error and refuse `"0/min"`.
+//! - `auth::valid_user`: exactly 1 to 128 bytes of `[A-Za-z0-9._@:-]`, returned unchanged.
+//! - `proxy::frames::Scanner`: never panics on arbitrary bytes, is split-invariant, and gives back
+//!   the text messages of well-formed frames (fragmented, masked, with control frames between).
 //!
 //! Each property runs proptest's default 256 cases, or `PROPTEST_CASES` of them. Run them longer:
 //! `PROPTEST_CASES=100000 cargo test --test properties --release`. Failures are not persisted to
@@ -1096,5 +1099,97 @@ proptest! {
             }
             None => prop_assert!(!want, "refused {:?}", String::from_utf8_lossy(&bytes)),
         }
+    }
+}
+
+// ---------------------------------------------------------------- 7. WebSocket frames
+
+/// The text messages `scanner` finds in `chunks`, fed one after the other.
+fn ws_messages(chunks: &[&[u8]]) -> (Vec<Vec<u8>>, u64) {
+    let mut s = portcullis::proxy::frames::Scanner::default();
+    let mut got = Vec::new();
+    for c in chunks {
+        let stopped = s.feed(c, |m| {
+            got.push(m.to_vec());
+            portcullis::proxy::frames::Flow::Continue
+        });
+        assert_eq!(stopped, None);
+    }
+    (got, s.unscanned)
+}
+
+/// A server frame: FIN, opcode, optional mask, with a 7-, 16- or 64-bit length as its size
+/// needs.
+fn ws_frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n <= 0xffff => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        None => f.extend_from_slice(payload),
+        Some(k) => {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+    }
+    f
+}
+
+proptest! {
+    #![proptest_config(proptest_config())]
+
+    /// `proxy::frames::Scanner` (the realtime session's watcher, fed by the upstream) never
+    /// panics on arbitrary bytes, and finds the same messages whichever way they are split.
+    #[test]
+    fn the_frame_scanner_is_split_invariant_on_any_bytes(
+        bytes in prop::collection::vec(any::<u8>(), 0..600),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let at = at.index(bytes.len() + 1);
+        prop_assert_eq!(ws_messages(&[&bytes]), ws_messages(&[&bytes[..at], &bytes[at..]]));
+    }
+
+    /// Well-formed frames give back exactly their text messages, fragmented or not, masked or
+    /// not, with control and binary frames between them, at any split.
+    #[test]
+    fn the_frame_scanner_returns_each_text_message(
+        msgs in prop::collection::vec(
+            (prop::collection::vec(any::<u8>(), 0..300), 1usize..4, any::<bool>(), any::<[u8; 4]>()),
+            0..6,
+        ),
+        at in any::<prop::sample::Index>(),
+    ) {
+        let mut stream = Vec::new();
+        let mut want = Vec::new();
+        for (payload, parts, masked, key) in &msgs {
+            let mask = masked.then_some(*key);
+            let size = payload.len().div_ceil(*parts).max(1);
+            let pieces: Vec<&[u8]> = if payload.is_empty() {
+                vec![&[][..]]
+            } else {
+                payload.chunks(size).collect()
+            };
+            for (i, piece) in pieces.iter().enumerate() {
+                let last = i + 1 == pieces.len();
+                stream.extend(ws_frame(last, if i == 0 { 1 } else { 0 }, piece, mask));
+                if !last {
+                    stream.extend(ws_frame(true, 9, b"ping", None));
+                }
+            }
+            stream.extend(ws_frame(true, 2, payload, None));
+            want.push(payload.clone());
+        }
+        let at = at.index(stream.len() + 1);
+        let got = ws_messages(&[&stream[..at], &stream[at..]]);
+        prop_assert_eq!(got, (want, 0));
     }
 }

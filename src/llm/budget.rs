@@ -374,12 +374,26 @@ impl Reservation {
     /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both).
     pub fn settle(mut self, charged: Amount, now: i64) -> Vec<BudgetEvent> {
         self.settled = true;
+        self.add(charged, now, true).0
+    }
+
+    /// Charges `charged` on top of what the reservation holds, which stays held: one response of
+    /// a realtime session (SPEC §8), charged when it is seen. Returns the `budget` events, and
+    /// whether one of the caps is now spent (the session is to be closed).
+    pub fn charge(&self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, bool) {
+        self.add(charged, now, false)
+    }
+
+    fn add(&self, charged: Amount, now: i64, release: bool) -> (Vec<BudgetEvent>, bool) {
         let mut events = Vec::new();
+        let mut spent_out = false;
         let mut acc = self.book.lock();
         for (scope, caps) in self.applies.scopes() {
             let a = acc.entry(scope.clone()).or_default();
             a.roll(now);
-            a.reserved.sub(self.own);
+            if release {
+                a.reserved.sub(self.own);
+            }
             let before = a.spent;
             for p in PERIODS {
                 a.spent[p.index()].add(charged);
@@ -387,6 +401,7 @@ impl Reservation {
             for cap in caps {
                 let was = before[cap.period.index()].get(cap.unit);
                 let is = a.spent[cap.period.index()].get(cap.unit);
+                spent_out |= is >= cap.limit;
                 for threshold in [80u8, 100] {
                     let line = cap.limit * f64::from(threshold) / 100.0;
                     if was < line && is >= line {
@@ -413,7 +428,7 @@ impl Reservation {
                 }
             }
         }
-        events
+        (events, spent_out)
     }
 }
 

@@ -78,7 +78,8 @@ const MAX_FIGURE: f64 = 1e9;
 /// to 10^9, else the whole reading is invalid — a negative cost must never refund a budget.
 pub fn from_json(v: &serde_json::Value) -> Reading {
     let usage = match v.get("type").and_then(|t| t.as_str()) {
-        Some("response.completed") => v.pointer("/response/usage"),
+        // The Responses API's last stream event; a realtime session's end of one response.
+        Some("response.completed" | "response.done") => v.pointer("/response/usage"),
         Some("message_start") => v.pointer("/message/usage"),
         _ => v.get("usage"),
     };
@@ -86,6 +87,16 @@ pub fn from_json(v: &serde_json::Value) -> Reading {
         None | Some(serde_json::Value::Null) => Reading::Absent,
         Some(u) => read_usage(u),
     }
+}
+
+/// The usage of one realtime response (SPEC §8): `Some` when `message`, a server-to-client text
+/// message of a realtime session, is a `response.done` event; its `response.usage` gives
+/// `input_tokens` and `output_tokens`. Any other message, or one that is not JSON, is `None`.
+pub fn realtime_done(message: &[u8]) -> Option<Reading> {
+    // Most messages are deltas: a substring search keeps them from being parsed.
+    memchr::memmem::find(message, b"response.done")?;
+    let v: serde_json::Value = serde_json::from_slice(message).ok()?;
+    (v.get("type")?.as_str()? == "response.done").then(|| from_json(&v))
 }
 
 /// A token count: absent, or a whole number within [`MAX_FIGURE`].

@@ -29,10 +29,12 @@ use serde::Serialize;
 
 use crate::audit::Audit;
 use crate::live::Live;
+use crate::llm::budget::Amount;
 use crate::llm::ledger::{Ledger, Row};
 use crate::llm::meter::{Exchange, Meter};
-use crate::llm::usage::LlmRecord;
+use crate::llm::usage::{LlmRecord, Reading};
 use crate::metrics::RouteMetrics;
+use crate::proxy::frames::Flow;
 
 /// SPEC §3.4 "Bounded records": a client cannot make one record arbitrarily large.
 const MAX_USER_AGENT: usize = 512;
@@ -107,6 +109,21 @@ pub struct Record {
     /// its end, not the client's going away.
     dropped_means_complete: bool,
     written: bool,
+    /// A realtime session's responses, charged one by one (SPEC §8).
+    session: Option<Session>,
+}
+
+/// What a realtime session's responses added up to; its record carries the totals at close.
+#[derive(Debug, Default)]
+struct Session {
+    responses: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cost_usd: Option<f64>,
+    cost_source: Option<&'static str>,
+    /// The `usage_source` of responses without usage the gateway believes (charged the
+    /// reservation instead): `invalid` once one was invalid, else `none`.
+    unreported: Option<&'static str>,
 }
 
 /// `s` cut to at most `max` bytes on a character boundary, with `…` marking the cut.
@@ -168,6 +185,7 @@ impl Record {
             outcome: "forwarded",
             dropped_means_complete: false,
             written: false,
+            session: None,
         }
     }
 
@@ -242,15 +260,62 @@ impl Record {
         }
     }
 
-    /// The charge (SPEC §7's table), its budget events, metrics and ledger row.
-    fn settle(&mut self, meter: Meter) {
+    /// Whether this request is an admitted `llm` WebSocket session, whose upstream messages are
+    /// to be shown to [`Record::realtime_message`].
+    pub fn meters_realtime(&self) -> bool {
+        self.meter.as_ref().is_some_and(|m| m.admitted)
+    }
+
+    /// One server-to-client text message of a realtime session (SPEC §8): a `response.done` is
+    /// charged at once (its usage; without usage the gateway believes, the handshake's
+    /// reservation), gets its ledger row and metrics, and adds to the session's totals.
+    /// [`Flow::Stop`] when a cap is now spent: the session is to be closed.
+    pub fn realtime_message(&mut self, message: &[u8]) -> Flow {
+        let Some(reading) = crate::llm::usage::realtime_done(message) else {
+            return Flow::Continue;
+        };
+        let Some(meter) = &self.meter else {
+            return Flow::Continue;
+        };
         let usage = self.live.config.usage.as_ref();
-        let settled = meter.settle(self.exchange, |req, resp| usage?.price(req, resp));
-        for e in &settled.events {
+        let price = usage.and_then(|u| u.price(meter.model.as_deref(), None));
+        let rec = LlmRecord::new(meter.model.clone(), reading, price);
+        let reservation = meter.reservation.as_ref();
+        let charged = match reading {
+            Reading::Valid(u) => Amount {
+                tokens: u.tokens() as f64,
+                cost: rec.cost_usd.unwrap_or(0.0),
+            },
+            _ => reservation.map(|r| r.amount()).unwrap_or_default(),
+        };
+        let (events, spent) = match reservation {
+            Some(r) => r.charge(charged, crate::clock::now_secs()),
+            None => (Vec::new(), false),
+        };
+        for e in &events {
             self.audit.emit(e);
         }
+        let s = self.session.get_or_insert_with(Session::default);
+        s.responses += 1;
+        match (rec.prompt_tokens, rec.completion_tokens) {
+            (Some(p), Some(c)) => {
+                s.prompt_tokens += p;
+                s.completion_tokens += c;
+                if let Some(cost) = rec.cost_usd {
+                    s.cost_usd = Some(s.cost_usd.unwrap_or(0.0) + cost);
+                    s.cost_source = s.cost_source.or(rec.cost_source);
+                }
+            }
+            _ if s.unreported == Some("invalid") => {}
+            _ => s.unreported = Some(rec.usage_source),
+        }
+        self.account(&rec, charged);
+        if spent { Flow::Stop } else { Flow::Continue }
+    }
+
+    /// The metrics and the ledger row of one charge: a request's, or a realtime response's.
+    fn account(&self, rec: &LlmRecord, charged: Amount) {
         let f = &self.fields;
-        let rec = settled.record;
         if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
             crate::metrics::llm_usage(
                 f.route.as_deref().unwrap_or("none"),
@@ -261,7 +326,7 @@ impl Record {
                 rec.cost_usd,
             );
         }
-        if let (Some(ledger), Some(route), true) = (&self.ledger, &f.route, settled.admitted) {
+        if let (Some(ledger), Some(route)) = (&self.ledger, &f.route) {
             ledger.record(Row {
                 ts_ms: SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -276,9 +341,44 @@ impl Record {
                 completion_tokens: rec.completion_tokens,
                 cost_usd: rec.cost_usd,
                 usage_source: rec.usage_source,
-                charged_tokens: settled.charged.tokens as u64,
-                charged_cost: settled.charged.cost,
+                charged_tokens: charged.tokens as u64,
+                charged_cost: charged.cost,
             });
+        }
+    }
+
+    /// The charge (SPEC §7's table), its budget events, metrics and ledger row.
+    fn settle(&mut self, meter: Meter) {
+        let usage = self.live.config.usage.as_ref();
+        let settled = meter.settle(self.exchange, |req, resp| usage?.price(req, resp));
+        for e in &settled.events {
+            self.audit.emit(e);
+        }
+        if let Some(s) = self.session.take() {
+            // A realtime session: each response was charged and written as it came; its record
+            // carries the totals (the handshake's reservation is released, charging nothing).
+            let mut rec = settled.record;
+            rec.prompt_tokens = Some(s.prompt_tokens);
+            rec.completion_tokens = Some(s.completion_tokens);
+            rec.cost_usd = s.cost_usd;
+            rec.cost_source = s.cost_source;
+            rec.usage_source = s.unreported.unwrap_or("upstream");
+            self.fields.llm = Some(rec);
+            return;
+        }
+        let rec = settled.record;
+        if settled.admitted {
+            self.account(&rec, settled.charged);
+        } else if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
+            let f = &self.fields;
+            crate::metrics::llm_usage(
+                f.route.as_deref().unwrap_or("none"),
+                f.key_id.as_deref().unwrap_or("none"),
+                self.live.model_label(rec.model.as_deref()),
+                p,
+                c,
+                rec.cost_usd,
+            );
         }
         self.fields.llm = Some(rec);
     }

@@ -98,8 +98,12 @@ pub(super) fn finish(
         let active = ctx.active.take();
         let cut = shared.cut.clone();
         shared.tunnels.spawn(async move {
+            // SPEC §8: an admitted `llm` session's upstream messages are watched for usage.
+            let metered = record.meters_realtime();
+            let mut watch = |m: &[u8]| record.realtime_message(m);
+            let watch: Option<websocket::Watch<'_>> = if metered { Some(&mut watch) } else { None };
             let ending = tokio::select! {
-                () = websocket::tunnel(t.client, t.upstream, t.idle, bin, bout) => Ending::Complete,
+                () = websocket::tunnel(t.client, t.upstream, t.idle, bin, bout, watch) => Ending::Complete,
                 () = cut.cancelled() => Ending::ClientGone,
             };
             record.end(ending);

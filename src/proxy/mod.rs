@@ -4,6 +4,7 @@
 //! client's Transfer-Encoding or chunk boundaries, only what hyper writes for the body we pass.
 
 pub mod body;
+pub mod frames;
 pub mod headers;
 pub mod websocket;
 

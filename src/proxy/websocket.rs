@@ -23,7 +23,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use tokio::io::AsyncWriteExt;
+
 use super::body::ResponseBody;
+pub use super::frames::Flow;
+use super::frames::{Scanner, close_frame};
 use crate::error::GatewayError;
 
 /// Sends the handshake on a fresh connection and returns the upstream's answer.
@@ -132,14 +136,21 @@ pub async fn open(
     }
 }
 
+/// Watches the upstream's text messages of a tunnel (a realtime session's `response.done`).
+pub type Watch<'a> = &'a mut (dyn FnMut(&[u8]) -> Flow + Send);
+
 /// Runs the tunnel once both sides have switched protocols. Returns when either side closes, an
-/// error occurs, or nothing moved for `idle`.
+/// error occurs, or nothing moved for `idle`. With `watch`, the upstream's messages to the client
+/// are shown to it as they pass (unchanged and undelayed); when it says [`Flow::Stop`], the
+/// client gets a close frame 1008 `budget_exceeded` right after that message and both sides are
+/// closed.
 pub async fn tunnel(
     client: OnUpgrade,
     upstream: OnUpgrade,
     idle: Duration,
     bytes_in: Arc<AtomicU64>,
     bytes_out: Arc<AtomicU64>,
+    watch: Option<Watch<'_>>,
 ) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(c), Ok(u)) => (c, u),
@@ -169,13 +180,62 @@ pub async fn tunnel(
             tokio::time::sleep_until(deadline).await;
         }
     };
+    let Some(watch) = watch else {
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "websocket tunnel ended with an error");
+                }
+            }
+            _ = watchdog => tracing::debug!("websocket tunnel idle; closed"),
+        }
+        return;
+    };
+    let (mut c_read, mut c_write) = tokio::io::split(c);
+    let (mut u_read, mut u_write) = tokio::io::split(u);
+    let up = async {
+        tokio::io::copy(&mut c_read, &mut u_write).await?;
+        u_write.shutdown().await
+    };
+    let down = watched(&mut u_read, &mut c_write, watch);
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut c, &mut u) => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "websocket tunnel ended with an error");
+        r = up => if let Err(e) = r {
+            tracing::debug!(error = %e, "websocket tunnel ended with an error");
+        },
+        r = down => match r {
+            Ok(true) => tracing::debug!("realtime session closed by the gateway: budget spent"),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e, "websocket tunnel ended with an error"),
+        },
+        _ = watchdog => tracing::debug!("websocket tunnel idle; closed"),
+    }
+}
+
+/// Copies the upstream's side to the client, showing each text message to `watch`. `Ok(true)`
+/// when `watch` stopped the session (the close frame is sent); `Ok(false)` at the upstream's end.
+async fn watched<R, W>(up: &mut R, client: &mut W, watch: Watch<'_>) -> io::Result<bool>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut scanner = Scanner::default();
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = up.read(&mut buf).await?;
+        if n == 0 {
+            client.shutdown().await?;
+            return Ok(false);
+        }
+        match scanner.feed(&buf[..n], &mut *watch) {
+            None => client.write_all(&buf[..n]).await?,
+            Some(end) => {
+                client.write_all(&buf[..end]).await?;
+                client.write_all(&close_frame("budget_exceeded")).await?;
+                client.shutdown().await?;
+                return Ok(true);
             }
         }
-        _ = watchdog => tracing::debug!("websocket tunnel idle; closed"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Real upstream servers for the gateway to forward to: an HTTP/1.1 + HTTP/2 hyper app that
 //! records what it saw (with a [`Gate`] to hold requests) and serves the recorded LLM answers in
-//! `tests/fixtures/usage/`, a WebSocket echo, a dead address.
+//! `tests/fixtures/usage/`, a WebSocket echo, an OpenAI Realtime-style WebSocket server
+//! ([`realtime_upstream`]), a dead address.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -487,6 +488,336 @@ pub async fn ws_echo_upstream() -> SocketAddr {
         }
     });
     addr
+}
+
+/// What the realtime upstream saw and did in one session (one WebSocket connection).
+#[derive(Clone, Default)]
+pub struct RealtimeSession {
+    /// The handshake's request target (path and query), as received.
+    pub target: String,
+    /// The handshake's headers, as received.
+    pub headers: Vec<(String, String)>,
+    /// The client's text messages, in order.
+    pub received: Vec<String>,
+    /// Every text message the upstream sent, in order, whole (a fragmented one as the text its
+    /// fragments make up); each is recorded before it is sent.
+    pub sent: Vec<String>,
+    /// How many `response.done` events were sent in answer to `response.create` (the big
+    /// message of `test.big` is not one of them).
+    pub responses: u64,
+    /// The connection with the gateway has ended: how (`"close frame"`, `"dropped"`, or the
+    /// read error).
+    pub ended: Option<String>,
+}
+
+impl std::fmt::Debug for RealtimeSession {
+    /// Short: the 2 MiB message would drown any assertion message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |v: &[String]| -> Vec<String> {
+            v.iter()
+                .map(|m| {
+                    if m.len() > 300 {
+                        format!("{}… ({} bytes)", &m[..200], m.len())
+                    } else {
+                        m.clone()
+                    }
+                })
+                .collect()
+        };
+        f.debug_struct("RealtimeSession")
+            .field("target", &self.target)
+            .field("received", &short(&self.received))
+            .field("sent", &short(&self.sent))
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+/// The realtime upstream: its address and what each session saw.
+#[derive(Clone)]
+pub struct Realtime {
+    pub addr: SocketAddr,
+    log: tokio::sync::watch::Sender<Vec<RealtimeSession>>,
+}
+
+impl Realtime {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// Every session so far, in the order they were accepted.
+    pub fn sessions(&self) -> Vec<RealtimeSession> {
+        self.log.borrow().clone()
+    }
+    /// Waits (bounded by `WAIT`) until `pred` holds for the sessions; woken on every change.
+    pub async fn wait_until<T>(&self, mut pred: impl FnMut(&[RealtimeSession]) -> Option<T>) -> T {
+        let mut rx = self.log.subscribe();
+        let mut out = None;
+        let r = tokio::time::timeout(
+            super::WAIT,
+            rx.wait_for(|s| {
+                out = pred(s);
+                out.is_some()
+            }),
+        )
+        .await;
+        match (r, out) {
+            (Ok(Ok(_)), Some(v)) => v,
+            _ => panic!(
+                "timed out waiting on the realtime upstream; sessions: {:#?}",
+                self.sessions()
+            ),
+        }
+    }
+    /// Waits until session `i` has ended; returns it.
+    pub async fn wait_ended(&self, i: usize) -> RealtimeSession {
+        self.wait_until(|s| s.get(i).filter(|s| s.ended.is_some()).cloned())
+            .await
+    }
+}
+
+/// The size of the big text message the realtime upstream sends on `test.big`.
+pub const REALTIME_BIG: usize = 2 << 20;
+
+/// A `response.done` event (OpenAI Realtime) for response `n`, with `usage` as the value of
+/// `response.usage` (left out when `None`).
+fn realtime_done(n: u64, usage: Option<&serde_json::Value>) -> String {
+    let mut response = serde_json::json!({
+        "object": "realtime.response",
+        "id": format!("resp_{n}"),
+        "status": "completed",
+        "output": [{"type": "message", "role": "assistant"}],
+    });
+    if let Some(u) = usage {
+        response["usage"] = u.clone();
+    }
+    serde_json::json!({"type": "response.done", "event_id": format!("event_done_{n}"), "response": response})
+        .to_string()
+}
+
+/// The realtime usage object OpenAI sends: `input` + `output` tokens.
+fn realtime_usage(input: u64, output: u64) -> serde_json::Value {
+    serde_json::json!({
+        "total_tokens": input + output,
+        "input_tokens": input,
+        "output_tokens": output,
+        "input_token_details": {"cached_tokens": 0, "text_tokens": input, "audio_tokens": 0},
+        "output_token_details": {"text_tokens": output, "audio_tokens": 0},
+    })
+}
+
+/// An OpenAI Realtime-style WebSocket upstream (tungstenite). It accepts a WebSocket at
+/// `/v1/realtime` only (anything else: 404), sends `session.created` at once, and then answers
+/// the client's text messages (JSON, by their `type`):
+/// - `response.create`: a `response.created`, an audio transcript delta, two text deltas (one
+///   whose text says `response.done`, a trap for a substring search), then `response.done` for
+///   response N (`resp_1`, `resp_2`, …) with usage `input_tokens` I and `output_tokens` O: the
+///   message's own `input_tokens`/`output_tokens` fields, else the handshake's `input`/`output`
+///   query parameters, else 20 and 5. A `usage` field in the message is sent verbatim as
+///   `response.usage` instead (any JSON, to send unbelievable figures), and `"no_usage": true`
+///   leaves usage out. With `"fragmented": true` the `response.done` goes as a text frame and two
+///   continuation frames, with a ping between the first two.
+/// - `test.big`: one text frame of exactly [`REALTIME_BIG`] bytes: a JSON `response.done` with
+///   usage (1000 + 1000 tokens) padded by a `padding` string of varied characters — a message
+///   over the gateway's scanning bound, which must pass intact and not be charged.
+///
+/// Everything received and sent is recorded per session (see [`RealtimeSession`]).
+pub async fn realtime_upstream() -> Realtime {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log = tokio::sync::watch::Sender::new(Vec::<RealtimeSession>::new());
+    let rt = Realtime {
+        addr,
+        log: log.clone(),
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(realtime_session(stream, log.clone()));
+        }
+    });
+    rt
+}
+
+async fn realtime_session(
+    stream: tokio::net::TcpStream,
+    log: tokio::sync::watch::Sender<Vec<RealtimeSession>>,
+) {
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
+
+    let mut seen = RealtimeSession::default();
+    // tungstenite's callback type: its refusal is the large `http::Response` it sends.
+    #[allow(clippy::result_large_err)]
+    let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        seen.target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        seen.headers = req
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        if req.uri().path() == "/v1/realtime" {
+            Ok(resp)
+        } else {
+            let mut refused = ErrorResponse::new(Some("no such realtime endpoint".to_owned()));
+            *refused.status_mut() = StatusCode::NOT_FOUND;
+            Err(refused)
+        }
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await else {
+        return;
+    };
+    let q: HashMap<String, String> = seen
+        .target
+        .split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let num = |k: &str, d: u64| q.get(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (default_in, default_out) = (num("input", 20), num("output", 5));
+    let mut index = 0;
+    log.send_modify(|s| {
+        index = s.len();
+        s.push(seen);
+    });
+    let note = |f: &dyn Fn(&mut RealtimeSession)| log.send_modify(|s| f(&mut s[index]));
+    // Records, then sends one text message (in one frame).
+    macro_rules! say {
+        ($text:expr) => {{
+            let text: String = $text;
+            note(&|s| s.sent.push(text.clone()));
+            ws.send(Message::text(text)).await
+        }};
+    }
+    let created = serde_json::json!({
+        "type": "session.created",
+        "event_id": "event_session",
+        "session": {"id": "sess_1", "object": "realtime.session", "model": q.get("model")},
+    });
+    let mut ended = "dropped".to_owned();
+    let mut responses = 0u64;
+    let mut r = say!(created.to_string());
+    while r.is_ok() {
+        let msg = match ws.next().await {
+            None => break,
+            Some(Err(e)) => {
+                ended = format!("read error: {e}");
+                break;
+            }
+            Some(Ok(m)) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t.as_str().to_owned(),
+            Message::Close(_) => {
+                ended = "close frame".to_owned();
+                break;
+            }
+            _ => continue,
+        };
+        note(&|s| s.received.push(text.clone()));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        match v["type"].as_str() {
+            Some("response.create") => {
+                responses += 1;
+                let n = responses;
+                let rid = format!("resp_{n}");
+                let usage = if v["no_usage"].as_bool() == Some(true) {
+                    None
+                } else if let Some(u) = v.get("usage") {
+                    Some(u.clone())
+                } else {
+                    Some(realtime_usage(
+                        v["input_tokens"].as_u64().unwrap_or(default_in),
+                        v["output_tokens"].as_u64().unwrap_or(default_out),
+                    ))
+                };
+                let deltas = [
+                    serde_json::json!({"type": "response.created", "event_id": format!("event_{n}_0"), "response": {"id": rid, "status": "in_progress"}}),
+                    serde_json::json!({"type": "response.audio_transcript.delta", "event_id": format!("event_{n}_1"), "response_id": rid, "delta": "Hello"}),
+                    serde_json::json!({"type": "response.text.delta", "event_id": format!("event_{n}_2"), "response_id": rid, "delta": ", the word \"response.done\" "}),
+                    serde_json::json!({"type": "response.text.delta", "event_id": format!("event_{n}_3"), "response_id": rid, "delta": "is not the end."}),
+                ];
+                for d in deltas {
+                    r = say!(d.to_string());
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                if r.is_err() {
+                    break;
+                }
+                let done = realtime_done(n, usage.as_ref());
+                note(&|s| s.responses += 1);
+                if v["fragmented"].as_bool() == Some(true) {
+                    note(&|s| s.sent.push(done.clone()));
+                    let b = done.as_bytes();
+                    let (a, rest) = b.split_at(b.len() / 3);
+                    let (m, z) = rest.split_at(rest.len() / 2);
+                    let frames = [
+                        Message::Frame(Frame::message(
+                            WsBytes::copy_from_slice(a),
+                            OpCode::Data(Data::Text),
+                            false,
+                        )),
+                        Message::Ping(WsBytes::from_static(b"between fragments")),
+                        Message::Frame(Frame::message(
+                            WsBytes::copy_from_slice(m),
+                            OpCode::Data(Data::Continue),
+                            false,
+                        )),
+                        Message::Frame(Frame::message(
+                            WsBytes::copy_from_slice(z),
+                            OpCode::Data(Data::Continue),
+                            true,
+                        )),
+                    ];
+                    for f in frames {
+                        r = ws.send(f).await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    r = say!(done);
+                }
+            }
+            Some("test.big") => {
+                let head = realtime_done(0, Some(&realtime_usage(1000, 1000)));
+                // `{…,"padding":"…"}`: the done event with a padding field, to the exact size.
+                let open = format!("{},\"padding\":\"", &head[..head.len() - 1]);
+                let pad_len = REALTIME_BIG - open.len() - 2;
+                let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+                let mut big = open.into_bytes();
+                big.extend((0..pad_len).map(|i| alphabet[(i * 7 + i / 1000) % alphabet.len()]));
+                big.extend_from_slice(b"\"}");
+                let big = String::from_utf8(big).unwrap();
+                assert_eq!(big.len(), REALTIME_BIG);
+                r = say!(big);
+            }
+            _ => {}
+        }
+    }
+    if let Err(e) = &r {
+        ended = format!("write error: {e}");
+    }
+    // Flushes the close reply, if the client sent a close frame.
+    let _ = ws.close(None).await;
+    note(&|s| s.ended = Some(ended.clone()));
 }
 
 /// An address nothing listens on.
