@@ -205,7 +205,7 @@ fn start_gateway(
     };
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmax_connections = 4096\n{tls_section}[audit]\noutput = \"{}/audit.jsonl\"\n\
-         [limits]\nper_ip = \"1000000/s\"\nper_key = \"1000000/s\"\n[[keys]]\nid = \"bench\"\nhash = \"{}\"\n\
+         [limits]\nper_ip = \"1000000/s\"\nper_key = \"1000000/s\"\nmax_connections_per_ip = 100000\n[[keys]]\nid = \"bench\"\nhash = \"{}\"\n\
          [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"http://{upstream}\"\ntimeout = \"60s\"\n\
          [routes.upstream_headers]\nauthorization = \"Bearer sk-upstream\"\n\
          [[routes]]\nname = \"llm\"\npath = \"/llm/\"\nupstream = \"http://{upstream}\"\ntimeout = \"60s\"\nllm = true\n",
@@ -227,7 +227,7 @@ fn start_gateway(
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     if let Some(w) = workers {
-        cmd.env("TOKIO_WORKER_THREADS", w.to_string());
+        cmd.env("PORTCULLIS_SERVER__WORKERS", w.to_string());
     }
     let mut child = cmd.spawn().unwrap();
     let stderr = BufReader::new(child.stderr.take().unwrap());
@@ -517,7 +517,7 @@ fn main() {
             &direct_url,
         );
 
-        // Worker threads: tokio sizes its pool by the CPUs the process may run on, so pinned to
+        // Worker threads (`server.workers`): one per CPU the process may run on, so pinned to
         // one core the gateway above ran 1 worker; here the same with 2 on that core.
         let gw2 = start_gateway(dir.path(), up_addr, None, Some(2));
         let r2 = wrk(&format!("http://{}/v1/x", gw2.addr), 5);

@@ -45,6 +45,8 @@ fn client() -> UpstreamClient {
         .timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+        // As the server side (`server::builder`): one flat buffer per write.
+        .http1_writev(false)
         .build(http)
 }
 
