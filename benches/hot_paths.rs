@@ -58,7 +58,8 @@ fn key_lookup(c: &mut Criterion) {
                 let r = store.check(
                     &cfg.keys,
                     Presented::One(black_box(&key)),
-                    "r0",
+                    &cfg.routes[0],
+                    None,
                     SystemTime::now(),
                 );
                 assert!(r.is_ok());

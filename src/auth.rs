@@ -16,7 +16,7 @@ use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use subtle::ConstantTimeEq;
 
-use crate::config::runtime::{Auth, Key};
+use crate::config::runtime::{Auth, Key, Route, Tokens};
 use crate::error::GatewayError;
 use crate::keys;
 
@@ -134,9 +134,10 @@ pub fn strip_query_param(query: &str, param: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join("&"))
 }
 
-/// Keys by digest, for one config.
+/// Keys by digest (and by id, for the short-lived tokens that name one), for one config.
 pub struct KeyStore {
     by_digest: HashMap<[u8; 32], usize>,
+    by_id: HashMap<String, usize>,
 }
 
 /// A key that passed every check.
@@ -152,16 +153,27 @@ impl KeyStore {
                 .enumerate()
                 .map(|(i, k)| (k.hash.0, i))
                 .collect(),
+            by_id: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (k.id.clone(), i))
+                .collect(),
         }
     }
 
     /// Authenticates `presented` for `route`. On failure also returns the key id when the key was
     /// recognised (for the audit log) and whether the failure counts towards lockout.
+    ///
+    /// With `tokens`, a short-lived token (`pct_...`) authenticates as its key on its route only
+    /// (SPEC §10); any failure of one is 401 `invalid_token` and counts towards lockout. On the
+    /// route that mints tokens (`mint`), only a key will do, and the key's own route scope is
+    /// checked against the route it asks a token for instead.
     pub fn check(
         &self,
         keys: &[Key],
         presented: Presented<'_>,
-        route: &str,
+        route: &Route,
+        tokens: Option<&Tokens>,
         now: SystemTime,
     ) -> Result<Authenticated, (GatewayError, Option<usize>, bool)> {
         let key = match presented {
@@ -169,6 +181,12 @@ impl KeyStore {
             Presented::Malformed => return Err((GatewayError::InvalidApiKey, None, true)),
             Presented::One(k) => k,
         };
+        if let Some(t) = tokens
+            && key.starts_with(crate::tokens::PREFIX)
+            && !route.mint
+        {
+            return self.check_token(keys, key, &route.name, t, now);
+        }
         let digest = keys::digest(key.as_bytes());
         let index = match self.by_digest.get(&digest) {
             Some(&i) if bool::from(keys[i].hash.0.ct_eq(&digest)) => i,
@@ -182,9 +200,50 @@ impl KeyStore {
             return Err((GatewayError::ExpiredApiKey, Some(index), true));
         }
         if let Some(routes) = &k.routes
-            && !routes.iter().any(|r| r == route)
+            && !route.mint
+            && !routes.contains(&route.name)
         {
             return Err((GatewayError::KeyNotAllowed, Some(index), false));
+        }
+        Ok(Authenticated { index })
+    }
+
+    /// A short-lived token: authentic, unexpired, for this route, and its key still there (the
+    /// same key: id and hash), enabled, unexpired and allowed on the route.
+    fn check_token(
+        &self,
+        keys: &[Key],
+        token: &str,
+        route: &str,
+        tokens: &Tokens,
+        now: SystemTime,
+    ) -> Result<Authenticated, (GatewayError, Option<usize>, bool)> {
+        use secrecy::ExposeSecret;
+        let refused = |known| Err((GatewayError::InvalidToken, known, true));
+        let secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let claims =
+            match crate::tokens::verify(tokens.secret.expose_secret().as_bytes(), token, secs) {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::debug!(?why, "token refused");
+                    return refused(None);
+                }
+            };
+        let Some(&index) = self.by_id.get(&claims.key_id) else {
+            return refused(None);
+        };
+        let k = &keys[index];
+        let alive = crate::tokens::fingerprint(&k.hash.0) == claims.key_fp
+            && !k.disabled
+            && k.expires.is_none_or(|e| now < e)
+            && claims.route == route
+            && k.routes
+                .as_ref()
+                .is_none_or(|rs| rs.iter().any(|r| r == route));
+        if !alive {
+            return refused(Some(index));
         }
         Ok(Authenticated { index })
     }

@@ -16,6 +16,9 @@ pub enum GatewayError {
     MissingApiKey,
     InvalidApiKey,
     ExpiredApiKey,
+    /// A short-lived token (SPEC §10) that fails verification: a bad tag, expired, another
+    /// route's, or its key gone.
+    InvalidToken,
     KeyNotAllowed,
     ModelNotAllowed,
     IpDenied,
@@ -45,7 +48,9 @@ impl GatewayError {
     pub fn status(self) -> StatusCode {
         use GatewayError::*;
         match self {
-            MissingApiKey | InvalidApiKey | ExpiredApiKey => StatusCode::UNAUTHORIZED,
+            MissingApiKey | InvalidApiKey | ExpiredApiKey | InvalidToken => {
+                StatusCode::UNAUTHORIZED
+            }
             KeyNotAllowed | ModelNotAllowed | IpDenied | OriginNotAllowed => StatusCode::FORBIDDEN,
             LockedOut { .. } | RateLimited { .. } | BudgetExceeded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
@@ -69,6 +74,7 @@ impl GatewayError {
             MissingApiKey => "missing_api_key",
             InvalidApiKey => "invalid_api_key",
             ExpiredApiKey => "expired_api_key",
+            InvalidToken => "invalid_token",
             KeyNotAllowed => "key_not_allowed",
             ModelNotAllowed => "model_not_allowed",
             IpDenied => "ip_denied",
@@ -94,6 +100,7 @@ impl GatewayError {
             MissingApiKey => "No API key was presented. Send it as 'Authorization: Bearer <key>'.",
             InvalidApiKey => "The API key is not valid.",
             ExpiredApiKey => "The API key has expired.",
+            InvalidToken => "The token is not valid (expired, for another route, or revoked).",
             KeyNotAllowed => "The API key is not allowed to use this route.",
             ModelNotAllowed => "The API key is not allowed to use this model.",
             IpDenied => "Requests from this address are not allowed on this route.",
@@ -132,7 +139,7 @@ impl GatewayError {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
-            MissingApiKey | InvalidApiKey | ExpiredApiKey => {
+            MissingApiKey | InvalidApiKey | ExpiredApiKey | InvalidToken => {
                 h.insert(
                     WWW_AUTHENTICATE,
                     HeaderValue::from_static("Bearer realm=\"portcullis\""),

@@ -26,6 +26,7 @@ pub mod route;
 pub mod server;
 pub mod systemd;
 pub mod tls;
+pub mod tokens;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

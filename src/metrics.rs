@@ -99,9 +99,10 @@ pub fn request(route: Option<&str>, outcome: &'static str, duration: Duration) {
 
 /// Every `outcome` a request record can carry (SPEC §4): `forwarded`, the error codes of §3.3 and
 /// §7, and the two endings of a request whose client left or stalled.
-pub const OUTCOMES: [&str; 24] = [
+pub const OUTCOMES: [&str; 25] = [
     "forwarded",
     "preflight",
+    "token_minted",
     "client_closed",
     "client_stalled",
     "missing_api_key",

@@ -24,9 +24,9 @@ impl Env for NoEnv {
     }
 }
 
-const TABLES: [&str; 11] = [
+const TABLES: [&str; 12] = [
     "server", "tls", "admin", "audit", "auth", "cors", "limits", "usage", "budgets", "keys",
-    "routes",
+    "routes", "tokens",
 ];
 
 fn read(relative: &str) -> String {

@@ -25,7 +25,25 @@ impl Config {
         let auth = auth(&raw, env)?;
         let cors = cors(&raw, env)?;
         let limits = limits(&raw)?;
-        let routes = routes(&raw, &server, &auth, env)?;
+        let mut routes = routes(&raw, &server, &auth, env)?;
+        let tokens = tokens(&raw, env)?;
+        if tokens.is_some() {
+            for (i, r) in routes.iter().enumerate() {
+                if r.name == TOKEN_ROUTE {
+                    return Err(invalid(
+                        format!("routes[{i}].name"),
+                        format!("{TOKEN_ROUTE:?} is the route [tokens] adds; choose another name"),
+                    ));
+                }
+                if r.prefix == TOKEN_PATH || r.prefix.starts_with(&format!("{TOKEN_PATH}/")) {
+                    return Err(invalid(
+                        format!("routes[{i}].path"),
+                        format!("{TOKEN_PATH} is where [tokens] mints tokens"),
+                    ));
+                }
+            }
+            routes.push(token_route(routes.len(), &server)?);
+        }
         let keys = keys(&raw, &routes, env)?;
         let usage = usage(&raw, env)?;
 
@@ -70,8 +88,59 @@ impl Config {
             limits,
             keys,
             routes,
+            tokens,
         })
     }
+}
+
+/// `[tokens]`: the secret (at least 32 bytes) and the longest lifetime a token may ask for.
+fn tokens(raw: &RawConfig, env: &dyn Env) -> Result<Option<Tokens>, Invalid> {
+    let Some(t) = &raw.tokens else {
+        return Ok(None);
+    };
+    let secret = secret::resolve(&t.secret, env).map_err(|m| invalid("tokens.secret", m))?;
+    let s = secret.expose_secret();
+    // `usage` and `keys` read the config leniently: an unset secret is a placeholder there.
+    if s.len() < 32 && s != secret::Lenient::PLACEHOLDER {
+        return Err(invalid(
+            "tokens.secret",
+            "must be at least 32 bytes (e.g. `openssl rand -base64 48`)",
+        ));
+    }
+    if t.max_ttl.0.is_zero() || t.max_ttl.0 > std::time::Duration::from_secs(86_400) {
+        return Err(invalid("tokens.max_ttl", "must be between 1s and 24h"));
+    }
+    Ok(Some(Tokens {
+        secret,
+        max_ttl: t.max_ttl.0,
+    }))
+}
+
+/// The route `[tokens]` adds for `POST /.portcullis/token`: key authentication, the default
+/// per-IP and per-key limits, a small body, nothing forwarded (its upstream is never used).
+fn token_route(index: usize, server: &Server) -> Result<Route, Invalid> {
+    let upstream = parse_upstream("http://127.0.0.1:9", "tokens")?;
+    Ok(Route {
+        index,
+        name: TOKEN_ROUTE.to_owned(),
+        prefix: TOKEN_PATH.to_owned(),
+        host: None,
+        methods: vec![http::Method::POST],
+        upstream,
+        strip_prefix: false,
+        auth: AuthMode::Key,
+        per_ip: None,
+        per_key: None,
+        max_body: 4096,
+        timeout: server.request_timeout,
+        allow_ips: Vec::new(),
+        deny_ips: Vec::new(),
+        websocket: false,
+        llm: false,
+        upstream_headers: Vec::new(),
+        query_param: None,
+        mint: true,
+    })
 }
 
 /// `[server]` and `[tls]` (a plain-HTTP listener on every interface needs `[tls]` or the explicit opt-out).
@@ -682,6 +751,7 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         llm: r.llm,
         upstream_headers,
         query_param: None,
+        mint: false,
     })
 }
 

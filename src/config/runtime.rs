@@ -32,6 +32,8 @@ pub struct Config {
     pub keys: Vec<Key>,
     pub routes: Vec<Route>,
     pub usage: Option<UsageSettings>,
+    /// `[tokens]`: minting and accepting short-lived tokens.
+    pub tokens: Option<Tokens>,
     /// `[budgets]`: caps for all keys together.
     pub budgets: Arc<[crate::llm::budget::Cap]>,
 }
@@ -237,6 +239,19 @@ impl fmt::Debug for UpstreamHeader {
     }
 }
 
+/// `[tokens]` (SPEC §10).
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// The HMAC-SHA256 key (at least 32 bytes); changing it ends every token minted with it.
+    pub secret: SecretString,
+    pub max_ttl: Duration,
+}
+
+/// The name of the route `[tokens]` adds for `POST /.portcullis/token`.
+pub const TOKEN_ROUTE: &str = "portcullis-token";
+/// Its path.
+pub const TOKEN_PATH: &str = "/.portcullis/token";
+
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Position in `Config::routes`, for per-route state indexed alongside.
@@ -262,6 +277,8 @@ pub struct Route {
     /// The query parameter a key may come in on this route: the route's `query_param`, else
     /// `auth.query_param`; `None`: keys only in headers here.
     pub query_param: Option<String>,
+    /// The route `[tokens]` adds: the gateway answers it (mints a token), nothing is forwarded.
+    pub mint: bool,
 }
 
 /// A validation failure: the key path it concerns and what is wrong.

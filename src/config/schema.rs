@@ -32,6 +32,20 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     pub usage: Option<RawUsage>,
     pub budgets: Option<RawBudget>,
+    pub tokens: Option<RawTokens>,
+}
+
+/// `[tokens]` (SPEC §10): short-lived tokens minted at `POST /.portcullis/token`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTokens {
+    pub secret: String,
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl: ConfDuration,
+}
+
+fn default_max_ttl() -> ConfDuration {
+    ConfDuration(std::time::Duration::from_secs(600))
 }
 
 /// `[budgets]` and a key's `budget` (SPEC §7): caps per UTC day, week and month.

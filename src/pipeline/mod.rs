@@ -22,6 +22,7 @@
 //! the response body (WebSocket: to the tunnel); if the client goes away first, it is dropped
 //! with the request's future and writes itself as `client_closed`.
 
+mod mint;
 mod respond;
 mod steps;
 mod upstream;
@@ -83,6 +84,8 @@ struct Ctx {
     cors: crate::cors::Verdict,
     /// A CORS preflight answered by the gateway (outcome `preflight`).
     preflight: bool,
+    /// A short-lived token minted by the gateway (outcome `token_minted`).
+    minted: bool,
     /// Keeps the connection counted as busy until the response ends.
     active: Option<Active>,
     /// The share of `limits.max_buffered_bytes` the request's body holds while it is in
@@ -161,6 +164,7 @@ pub async fn handle(
         rate: None,
         cors: steps::cors_verdict(&live, conn, &req),
         preflight: false,
+        minted: false,
         active: Some(active),
         buffered: None,
         record,
@@ -168,6 +172,7 @@ pub async fn handle(
 
     let (resp, tunnel, outcome) = match process(&shared, &live, conn, &mut ctx, req).await {
         Ok((resp, tunnel)) if ctx.preflight => (resp, tunnel, "preflight"),
+        Ok((resp, tunnel)) if ctx.minted => (resp, tunnel, "token_minted"),
         Ok((resp, tunnel)) => (resp, tunnel, "forwarded"),
         Err(e) => (e.response(), None, e.code()),
     };
@@ -207,6 +212,10 @@ async fn process(
     let key_index = steps::authenticate(shared, live, ctx, route, who, &req)?;
     // Step 8: the per-key limit.
     steps::limit_key(live, ctx, route, key_index)?;
+    // The route `[tokens]` adds: answered here (SPEC §10), nothing forwarded.
+    if route.mint {
+        return mint::answer(live, ctx, key_index, req).await;
+    }
     // Step 9: the body cap up front; on `llm` routes the body read and admitted; forward.
     if let Some(len) = content_length(&req)?
         && len > route.max_body

@@ -162,7 +162,8 @@ pub(super) fn authenticate(
     match live.keys.check(
         &cfg.keys,
         presented,
-        &route.name,
+        route,
+        cfg.tokens.as_ref(),
         std::time::SystemTime::now(),
     ) {
         Ok(a) => {
