@@ -13,6 +13,7 @@ pub mod config;
 pub mod conn;
 pub mod cors;
 pub mod error;
+pub mod jwt;
 pub mod keys;
 pub mod live;
 pub mod llm;

@@ -131,11 +131,17 @@ impl Live {
         match self.config.keys[k].per_key {
             Some(Rate::Off) => None,
             Some(_) => self.key_own[k].as_ref(),
-            None => match self.config.routes[r].per_key {
-                Some(Rate::Off) => None,
-                Some(_) => self.route_key[r].as_ref(),
-                None => self.default_key.as_ref(),
-            },
+            None => self.per_subject_limiter(r),
+        }
+    }
+
+    /// The per-key limiter of route `r` for an identity that is not a key (a JWT subject): the
+    /// route's `per_key`, else `[limits].per_key`.
+    pub fn per_subject_limiter(&self, r: usize) -> Option<&Arc<Limiter>> {
+        match self.config.routes[r].per_key {
+            Some(Rate::Off) => None,
+            Some(_) => self.route_key[r].as_ref(),
+            None => self.default_key.as_ref(),
         }
     }
 }

@@ -189,6 +189,8 @@ fn check(cli_path: Option<PathBuf>) -> ExitCode {
                 let auth = match r.auth {
                     portcullis::config::runtime::AuthMode::Key => "key",
                     portcullis::config::runtime::AuthMode::None => "none",
+                    portcullis::config::runtime::AuthMode::Jwt => "jwt",
+                    portcullis::config::runtime::AuthMode::KeyOrJwt => "key_or_jwt",
                 };
                 println!(
                     "  {:<12} {}/{host} -> {}://{}{} auth={auth}{}",

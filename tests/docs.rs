@@ -24,9 +24,9 @@ impl Env for NoEnv {
     }
 }
 
-const TABLES: [&str; 12] = [
+const TABLES: [&str; 13] = [
     "server", "tls", "admin", "audit", "auth", "cors", "limits", "usage", "budgets", "keys",
-    "routes", "tokens",
+    "routes", "tokens", "issuers",
 ];
 
 fn read(relative: &str) -> String {
@@ -109,7 +109,7 @@ fn plausible_value(default: &str) -> String {
 /// The error `config::parse` gives for a document holding only `key = value` in `table`, if any.
 fn parse_error(table: &str, key: &str, value: &str) -> Option<String> {
     let header = match table {
-        "keys" | "routes" => format!("[[{table}]]"),
+        "keys" | "routes" | "issuers" => format!("[[{table}]]"),
         _ => format!("[{table}]"),
     };
     let text = format!("{header}\n{key} = {value}\n");

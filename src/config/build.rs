@@ -26,6 +26,8 @@ impl Config {
         let cors = cors(&raw, env)?;
         let limits = limits(&raw)?;
         let mut routes = routes(&raw, &server, &auth, env)?;
+        let issuers = issuers(&raw, env)?;
+        route_issuers(&raw, &mut routes, &issuers)?;
         let tokens = tokens(&raw, env)?;
         if tokens.is_some() {
             for (i, r) in routes.iter().enumerate() {
@@ -89,8 +91,155 @@ impl Config {
             keys,
             routes,
             tokens,
+            issuers,
         })
     }
+}
+
+/// `[[issuers]]`: names unique, algorithms from the four SPEC §10 names, HS256 with a `secret`
+/// and the others with a JWKS, the JWKS file read and parsed now.
+fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>>, Invalid> {
+    let mut out: Vec<Arc<crate::jwt::Issuer>> = Vec::new();
+    for (i, r) in raw.issuers.iter().enumerate() {
+        let p = |f: &str| format!("issuers[{i}].{f}");
+        check_id(r.name.trim(), &p("name"))?;
+        if out.iter().any(|o| o.name == r.name.trim()) {
+            return Err(invalid(
+                p("name"),
+                format!("duplicate issuer name {:?}", r.name),
+            ));
+        }
+        if r.issuer.trim().is_empty() {
+            return Err(invalid(
+                p("issuer"),
+                "the required `iss` value must not be empty",
+            ));
+        }
+        if r.jwks_url.is_some() || r.jwks_refresh.is_some() {
+            return Err(invalid(
+                p("jwks_url"),
+                "jwks_url is not supported yet; download the JWKS to a file and use jwks_file",
+            ));
+        }
+        if r.budget.is_some() {
+            return Err(invalid(
+                p("budget"),
+                "budgets per JWT subject are not supported yet; [budgets] applies to every request",
+            ));
+        }
+        let mut algorithms = Vec::new();
+        for (j, a) in r.algorithms.iter().enumerate() {
+            let Some((_, alg)) = crate::jwt::ALGORITHMS.iter().find(|(n, _)| n == a) else {
+                return Err(invalid(
+                    format!("issuers[{i}].algorithms[{j}]"),
+                    format!("{a:?} is not one of RS256, ES256, EdDSA, HS256"),
+                ));
+            };
+            algorithms.push(*alg);
+        }
+        if algorithms.is_empty() {
+            return Err(invalid(p("algorithms"), "list at least one algorithm"));
+        }
+        let hmac = algorithms.contains(&jsonwebtoken::Algorithm::HS256);
+        let public = algorithms
+            .iter()
+            .any(|a| *a != jsonwebtoken::Algorithm::HS256);
+        let secret = match &r.secret {
+            None if hmac => {
+                return Err(invalid(p("secret"), "HS256 needs a secret"));
+            }
+            None => None,
+            Some(_) if !hmac => {
+                return Err(invalid(
+                    p("secret"),
+                    "a secret is for HS256 only; list HS256",
+                ));
+            }
+            Some(s) => {
+                let s = secret::resolve(s, env).map_err(|m| invalid(p("secret"), m))?;
+                if s.expose_secret().len() < 32 && s.expose_secret() != secret::Lenient::PLACEHOLDER
+                {
+                    return Err(invalid(p("secret"), "must be at least 32 bytes"));
+                }
+                Some(s)
+            }
+        };
+        let jwks = match (&r.jwks_file, public) {
+            (None, true) => {
+                return Err(invalid(
+                    p("jwks_file"),
+                    "RS256, ES256 and EdDSA need the issuer's public keys: set jwks_file",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    p("jwks_file"),
+                    "a JWKS is not used for HS256 alone",
+                ));
+            }
+            (None, false) => None,
+            (Some(f), true) => {
+                let path = plain(f, &p("jwks_file"), env)?;
+                Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| invalid(p("jwks_file"), format!("{path}: {e}")))?,
+                )
+            }
+        };
+        let mut required = serde_json::Map::new();
+        for (k, v) in &r.required_claims {
+            let v = serde_json::to_value(v)
+                .map_err(|e| invalid(format!("issuers[{i}].required_claims.{k}"), e.to_string()))?;
+            required.insert(k.clone(), v);
+        }
+        let issuer = crate::jwt::Issuer::new(
+            r.name.trim().to_owned(),
+            r.issuer.trim().to_owned(),
+            r.audiences.clone(),
+            algorithms,
+            jwks.as_deref(),
+            secret.as_ref().map(|s| s.expose_secret().as_bytes()),
+            r.leeway.0,
+            required,
+        )
+        .map_err(|e| invalid(p("jwks_file"), e))?;
+        out.push(Arc::new(issuer));
+    }
+    Ok(out)
+}
+
+/// Each route's `issuers`: needed by `auth = "jwt"` and `"key_or_jwt"`, refused elsewhere, and
+/// each must name an `[[issuers]]` entry.
+fn route_issuers(
+    raw: &RawConfig,
+    routes: &mut [Route],
+    issuers: &[Arc<crate::jwt::Issuer>],
+) -> Result<(), Invalid> {
+    for (i, r) in raw.routes.iter().enumerate() {
+        let jwt = matches!(r.auth, RawAuthMode::Jwt | RawAuthMode::KeyOrJwt);
+        if jwt && r.issuers.is_empty() {
+            return Err(invalid(
+                format!("routes[{i}].issuers"),
+                "auth = \"jwt\" or \"key_or_jwt\" needs the issuers it accepts",
+            ));
+        }
+        if !jwt && !r.issuers.is_empty() {
+            return Err(invalid(
+                format!("routes[{i}].issuers"),
+                "issuers apply to auth = \"jwt\" or \"key_or_jwt\" only",
+            ));
+        }
+        for (j, name) in r.issuers.iter().enumerate() {
+            let Some(at) = issuers.iter().position(|x| x.name == *name) else {
+                return Err(invalid(
+                    format!("routes[{i}].issuers[{j}]"),
+                    format!("no [[issuers]] entry named {name:?}"),
+                ));
+            };
+            routes[i].issuers.push(at);
+        }
+    }
+    Ok(())
 }
 
 /// `[tokens]`: the secret (at least 32 bytes) and the longest lifetime a token may ask for.
@@ -140,6 +289,7 @@ fn token_route(index: usize, server: &Server) -> Result<Route, Invalid> {
         upstream_headers: Vec::new(),
         query_param: None,
         mint: true,
+        issuers: Vec::new(),
     })
 }
 
@@ -740,6 +890,8 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         auth: match r.auth {
             RawAuthMode::Key => AuthMode::Key,
             RawAuthMode::None => AuthMode::None,
+            RawAuthMode::Jwt => AuthMode::Jwt,
+            RawAuthMode::KeyOrJwt => AuthMode::KeyOrJwt,
         },
         per_ip: r.per_ip,
         per_key: r.per_key,
@@ -752,6 +904,7 @@ fn build_route(r: &RawRoute, i: usize, server: &Server, env: &dyn Env) -> Result
         upstream_headers,
         query_param: None,
         mint: false,
+        issuers: Vec::new(),
     })
 }
 

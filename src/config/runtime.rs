@@ -34,6 +34,8 @@ pub struct Config {
     pub usage: Option<UsageSettings>,
     /// `[tokens]`: minting and accepting short-lived tokens.
     pub tokens: Option<Tokens>,
+    /// `[[issuers]]`: identity providers whose JWTs routes accept.
+    pub issuers: Vec<Arc<crate::jwt::Issuer>>,
     /// `[budgets]`: caps for all keys together.
     pub budgets: Arc<[crate::llm::budget::Cap]>,
 }
@@ -215,6 +217,10 @@ impl fmt::Debug for Key {
 pub enum AuthMode {
     Key,
     None,
+    /// A JWT of one of the route's issuers (SPEC §10).
+    Jwt,
+    /// An API key, or a JWT of one of the route's issuers.
+    KeyOrJwt,
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +285,8 @@ pub struct Route {
     pub query_param: Option<String>,
     /// The route `[tokens]` adds: the gateway answers it (mints a token), nothing is forwarded.
     pub mint: bool,
+    /// `auth = "jwt"` / `"key_or_jwt"`: the issuers accepted (indexes into `Config::issuers`).
+    pub issuers: Vec<usize>,
 }
 
 /// A validation failure: the key path it concerns and what is wrong.

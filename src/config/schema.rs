@@ -33,6 +33,8 @@ pub struct RawConfig {
     pub usage: Option<RawUsage>,
     pub budgets: Option<RawBudget>,
     pub tokens: Option<RawTokens>,
+    #[serde(default)]
+    pub issuers: Vec<RawIssuer>,
 }
 
 /// `[tokens]` (SPEC §10): short-lived tokens minted at `POST /.portcullis/token`.
@@ -299,14 +301,43 @@ pub struct RawRoute {
     pub upstream_headers: BTreeMap<String, String>,
     /// Overrides `auth.query_param` on this route (`""`: no key in the query here).
     pub query_param: Option<String>,
+    /// The `[[issuers]]` whose JWTs this route accepts (`auth = "jwt"` or `"key_or_jwt"`).
+    #[serde(default)]
+    pub issuers: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum RawAuthMode {
     #[default]
     Key,
     None,
+    Jwt,
+    KeyOrJwt,
+}
+
+/// `[[issuers]]` (SPEC §10): an identity provider whose JWTs routes may accept.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub name: String,
+    pub issuer: String,
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<String>,
+    pub jwks_file: Option<String>,
+    pub jwks_url: Option<String>,
+    pub jwks_refresh: Option<ConfDuration>,
+    pub secret: Option<String>,
+    #[serde(default = "default_leeway")]
+    pub leeway: ConfDuration,
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, toml::Value>,
+    pub budget: Option<RawBudget>,
+}
+
+fn default_leeway() -> ConfDuration {
+    ConfDuration(std::time::Duration::from_secs(30))
 }
 
 /// `listen = "addr"` or `listen = ["addr", "addr"]`.

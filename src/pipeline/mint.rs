@@ -62,11 +62,9 @@ pub(super) async fn answer(
     if ttl < Duration::from_secs(1) || ttl > tokens.max_ttl {
         return Err(GatewayError::BadRequest);
     }
-    let Some(target) = cfg
-        .routes
-        .iter()
-        .find(|r| r.name == ask.route && !r.mint && r.auth == AuthMode::Key)
-    else {
+    let Some(target) = cfg.routes.iter().find(|r| {
+        r.name == ask.route && !r.mint && matches!(r.auth, AuthMode::Key | AuthMode::KeyOrJwt)
+    }) else {
         return Err(GatewayError::BadRequest);
     };
     let key = &cfg.keys[k];

@@ -111,6 +111,8 @@ pub struct Record {
     written: bool,
     /// A realtime session's responses, charged one by one (SPEC §8).
     session: Option<Session>,
+    /// For a JWT identity: its issuer's name, the only part metrics may carry.
+    subject_label: Option<String>,
 }
 
 /// What a realtime session's responses added up to; its record carries the totals at close.
@@ -186,6 +188,7 @@ impl Record {
             dropped_means_complete: false,
             written: false,
             session: None,
+            subject_label: None,
         }
     }
 
@@ -196,6 +199,20 @@ impl Record {
 
     pub fn set_key(&mut self, id: &str) {
         self.fields.key_id = Some(id.to_owned());
+    }
+
+    /// A JWT's identity (`<issuer name>:<sub>`), recorded as the request's `key_id`; metrics
+    /// name only the issuer (subjects are unbounded).
+    pub fn set_subject(&mut self, identity: &str, issuer: &str) {
+        self.fields.key_id = Some(identity.to_owned());
+        self.subject_label = Some(issuer.to_owned());
+    }
+
+    /// The JWT identity this request authenticated as, if any.
+    pub fn subject(&self) -> Option<&str> {
+        self.subject_label
+            .as_ref()
+            .and(self.fields.key_id.as_deref())
     }
 
     pub fn set_user(&mut self, user: &str) {
@@ -319,7 +336,10 @@ impl Record {
         if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
             crate::metrics::llm_usage(
                 f.route.as_deref().unwrap_or("none"),
-                f.key_id.as_deref().unwrap_or("none"),
+                self.subject_label
+                    .as_deref()
+                    .or(f.key_id.as_deref())
+                    .unwrap_or("none"),
                 self.live.model_label(rec.model.as_deref()),
                 p,
                 c,
@@ -373,7 +393,10 @@ impl Record {
             let f = &self.fields;
             crate::metrics::llm_usage(
                 f.route.as_deref().unwrap_or("none"),
-                f.key_id.as_deref().unwrap_or("none"),
+                self.subject_label
+                    .as_deref()
+                    .or(f.key_id.as_deref())
+                    .unwrap_or("none"),
                 self.live.model_label(rec.model.as_deref()),
                 p,
                 c,

@@ -149,7 +149,7 @@ pub(super) fn authenticate(
     who: IpAddr,
     req: &Request<Incoming>,
 ) -> Result<Option<usize>, GatewayError> {
-    if route.auth != AuthMode::Key {
+    if route.auth == AuthMode::None {
         return Ok(None);
     }
     let cfg = &live.config;
@@ -159,6 +159,38 @@ pub(super) fn authenticate(
         &cfg.auth.headers,
         route.query_param.as_deref(),
     );
+    // SPEC §10: a JWT of one of the route's issuers (on `key_or_jwt` routes, a credential shaped
+    // like one); its identity stands where a key's id would.
+    let jwt = match (route.auth, &presented) {
+        (AuthMode::Jwt, auth::Presented::One(t)) => Some(*t),
+        (AuthMode::KeyOrJwt, auth::Presented::One(t)) if crate::jwt::looks_like_jwt(t) => Some(*t),
+        _ => None,
+    };
+    if let Some(token) = jwt {
+        let issuers = route.issuers.iter().map(|i| &*cfg.issuers[*i]);
+        return match crate::jwt::verify(issuers, token) {
+            Some((issuer, identity)) => {
+                ctx.record.set_subject(&identity, &issuer.name);
+                Ok(None)
+            }
+            None => {
+                crate::metrics::auth_failure(GatewayError::InvalidToken.code());
+                if let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
+                    emit_lockout(shared, ctx.client_ip, lock);
+                }
+                Err(GatewayError::InvalidToken)
+            }
+        };
+    }
+    if route.auth == AuthMode::Jwt {
+        // Nothing, or something that is not one credential.
+        let err = match presented {
+            auth::Presented::None => GatewayError::MissingApiKey,
+            _ => GatewayError::InvalidToken,
+        };
+        crate::metrics::auth_failure(err.code());
+        return Err(err);
+    }
     match live.keys.check(
         &cfg.keys,
         presented,
@@ -201,6 +233,12 @@ pub(super) fn limit_key(
     {
         limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))
             .inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
+    } else if let Some(subject) = ctx.record.subject()
+        && let Some(l) = live.per_subject_limiter(route.index)
+    {
+        // A JWT subject: limited like a key, by its identity `<issuer>:<sub>`.
+        let who = Subject::Key(std::sync::Arc::from(subject));
+        limit(ctx, l, &who).inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
     }
     Ok(())
 }

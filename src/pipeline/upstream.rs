@@ -130,7 +130,8 @@ pub(super) async fn forward(
     headers::forwarded(
         &mut parts,
         &headers::Forwarding {
-            key_headers: (route.auth == AuthMode::Key).then_some(&cfg.auth.headers[..]),
+            // Credentials never travel upstream: keys, tokens and JWTs alike.
+            key_headers: (route.auth != AuthMode::None).then_some(&cfg.auth.headers[..]),
             trusted_proxies: &cfg.server.trusted_proxies,
             conn,
             client_ip: ctx.client_ip,
