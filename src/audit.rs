@@ -37,6 +37,10 @@ pub struct Audit {
     tx: mpsc::Sender<Msg>,
     /// Records waiting for room in a full queue; `flush` waits for them first.
     overflow: tokio_util::task::TaskTracker,
+    /// The runtime those waits run on: the one that started the audit (the main thread's, which
+    /// outlives the workers), not the worker's that wrote the record: a worker's runtime is
+    /// dropped at shutdown before the final flush, and its waiting records with it.
+    rt: tokio::runtime::Handle,
 }
 
 impl Audit {
@@ -60,6 +64,7 @@ impl Audit {
         Ok(Audit {
             tx,
             overflow: tokio_util::task::TaskTracker::new(),
+            rt: tokio::runtime::Handle::current(),
         })
     }
 
@@ -97,18 +102,12 @@ impl Audit {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 let tx = self.tx.clone();
-                // A record written as the runtime itself shuts down has no task to wait in.
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        self.overflow.spawn_on(
-                            async move {
-                                let _ = tx.send(msg).await;
-                            },
-                            &rt,
-                        );
-                    }
-                    Err(_) => tracing::error!("audit queue full at exit; record lost"),
-                }
+                self.overflow.spawn_on(
+                    async move {
+                        let _ = tx.send(msg).await;
+                    },
+                    &self.rt,
+                );
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 tracing::error!("audit writer has stopped; record lost");

@@ -16,8 +16,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub const PREFIX: &str = "pct_";
-/// Tokens longer than this are not parsed (ids and route names are short).
-const MAX_LEN: usize = 512;
+/// Tokens longer than this are not parsed (they carry a key id and a route name).
+const MAX_LEN: usize = 4096;
 
 /// What a valid token says.
 #[derive(Debug, Clone, PartialEq, Eq)]

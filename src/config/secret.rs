@@ -13,6 +13,12 @@ use secrecy::SecretString;
 /// Where secrets come from. Tests build one from a map; the binary reads the process.
 pub trait Env {
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether unresolved secrets stand for [`Lenient::PLACEHOLDER`] (the config is read for a
+    /// command that does not use them).
+    fn lenient(&self) -> bool {
+        false
+    }
 }
 
 pub struct ProcessEnv;
@@ -49,6 +55,10 @@ impl<'a> Lenient<'a> {
 }
 
 impl Env for Lenient<'_> {
+    fn lenient(&self) -> bool {
+        true
+    }
+
     fn var(&self, name: &str) -> Option<String> {
         if let Some(v) = self.inner.var(name) {
             return Some(v);

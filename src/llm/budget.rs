@@ -12,6 +12,7 @@
 //! with reservations.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -209,6 +210,8 @@ pub type PeriodTotal = (Option<String>, Option<String>, Period, Amount);
 #[derive(Default)]
 pub struct Book {
     accounts: Mutex<HashMap<Scope, Account>>,
+    /// User accounts in `accounts` (changed under its lock), against [`MAX_USER_ACCOUNTS`].
+    users: AtomicUsize,
 }
 
 /// The caps a request is held to: its key's, its user's (of that key) and the gateway's.
@@ -271,6 +274,9 @@ impl Book {
                     scopes.push(Scope::key(k));
                 }
                 for scope in scopes {
+                    if scope.user.is_some() && !acc.contains_key(&scope) {
+                        book.users.fetch_add(1, Ordering::Relaxed);
+                    }
                     let a = acc.entry(scope).or_default();
                     a.roll(now);
                     a.spent[period.index()].add(*amount);
@@ -297,19 +303,18 @@ impl Book {
     ) -> Result<Reservation, Duration> {
         let mut acc = self.lock();
         let mut refused_until: Option<i64> = None;
+        let mut new_user = false;
         for (scope, caps) in applies.scopes() {
-            if scope.user.is_some() && !acc.contains_key(&scope) {
-                let users = acc.keys().filter(|s| s.user.is_some()).count();
-                if users >= MAX_USER_ACCOUNTS {
-                    tracing::warn!(
-                        max = MAX_USER_ACCOUNTS,
-                        "user_budget: too many users to track; a new user's request is refused"
-                    );
-                    let end = Period::Day.bounds(now).1;
-                    return Err(Duration::from_secs((end - now).max(1) as u64));
+            // An account is made only for an admitted request: a refused one (a spent key, a
+            // stream of made-up user names) leaves nothing behind.
+            let mut fresh = Account::default();
+            let a = match acc.get_mut(&scope) {
+                Some(a) => a,
+                None => {
+                    new_user |= scope.user.is_some();
+                    &mut fresh
                 }
-            }
-            let a = acc.entry(scope).or_default();
+            };
             a.roll(now);
             for cap in caps {
                 let spent = a.spent[cap.period.index()].get(cap.unit);
@@ -322,6 +327,19 @@ impl Book {
         }
         if let Some(end) = refused_until {
             return Err(Duration::from_secs((end - now).max(1) as u64));
+        }
+        let users = &self.users;
+        if new_user {
+            if users.load(Ordering::Relaxed) >= MAX_USER_ACCOUNTS {
+                tracing::warn!(
+                    max = MAX_USER_ACCOUNTS,
+                    "user_budget: too many users to track; a new user's request is refused"
+                );
+                let end = Period::Day.bounds(now).1;
+                return Err(Duration::from_secs((end - now).max(1) as u64));
+            }
+            // Counted under the book's lock, so the count and the accounts agree.
+            users.fetch_add(1, Ordering::Relaxed);
         }
         for (scope, _) in applies.scopes() {
             acc.entry(scope).or_default().reserved.add(own);

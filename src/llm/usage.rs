@@ -93,10 +93,35 @@ pub fn from_json(v: &serde_json::Value) -> Reading {
 /// message of a realtime session, is a `response.done` event; its `response.usage` gives
 /// `input_tokens` and `output_tokens`. Any other message, or one that is not JSON, is `None`.
 pub fn realtime_done(message: &[u8]) -> Option<Reading> {
+    match realtime_event(message)? {
+        RealtimeEvent::Done(r) => Some(r),
+        RealtimeEvent::Created => None,
+    }
+}
+
+/// The events of a realtime session that metering follows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RealtimeEvent {
+    /// `response.created`: a response began (charged its reservation if the session ends before
+    /// its `response.done`).
+    Created,
+    /// `response.done`, with its usage.
+    Done(Reading),
+}
+
+/// `message` as a [`RealtimeEvent`], if it is one.
+pub fn realtime_event(message: &[u8]) -> Option<RealtimeEvent> {
     // Most messages are deltas: a substring search keeps them from being parsed.
-    memchr::memmem::find(message, b"response.done")?;
+    let done = memchr::memmem::find(message, b"response.done").is_some();
+    if !done && memchr::memmem::find(message, b"response.created").is_none() {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_slice(message).ok()?;
-    (v.get("type")?.as_str()? == "response.done").then(|| from_json(&v))
+    match v.get("type")?.as_str()? {
+        "response.done" => Some(RealtimeEvent::Done(from_json(&v))),
+        "response.created" => Some(RealtimeEvent::Created),
+        _ => None,
+    }
 }
 
 /// A token count: absent, or a whole number within [`MAX_FIGURE`].

@@ -126,6 +126,9 @@ struct Session {
     /// The `usage_source` of responses without usage the gateway believes (charged the
     /// reservation instead): `invalid` once one was invalid, else `none`.
     unreported: Option<&'static str>,
+    /// Responses begun (`response.created`) and not yet done: charged their reservation if the
+    /// session ends first, so hanging up before `response.done` does not make a response free.
+    open: u64,
 }
 
 /// `s` cut to at most `max` bytes on a character boundary, with `…` marking the cut.
@@ -288,8 +291,14 @@ impl Record {
     /// reservation), gets its ledger row and metrics, and adds to the session's totals.
     /// [`Flow::Stop`] when a cap is now spent: the session is to be closed.
     pub fn realtime_message(&mut self, message: &[u8]) -> Flow {
-        let Some(reading) = crate::llm::usage::realtime_done(message) else {
-            return Flow::Continue;
+        use crate::llm::usage::RealtimeEvent;
+        let reading = match crate::llm::usage::realtime_event(message) {
+            None => return Flow::Continue,
+            Some(RealtimeEvent::Created) => {
+                self.session.get_or_insert_with(Session::default).open += 1;
+                return Flow::Continue;
+            }
+            Some(RealtimeEvent::Done(r)) => r,
         };
         let Some(meter) = &self.meter else {
             return Flow::Continue;
@@ -314,6 +323,7 @@ impl Record {
         }
         let s = self.session.get_or_insert_with(Session::default);
         s.responses += 1;
+        s.open = s.open.saturating_sub(1);
         match (rec.prompt_tokens, rec.completion_tokens) {
             (Some(p), Some(c)) => {
                 s.prompt_tokens += p;
@@ -369,6 +379,25 @@ impl Record {
 
     /// The charge (SPEC §7's table), its budget events, metrics and ledger row.
     fn settle(&mut self, meter: Meter) {
+        // A realtime session that ends with responses begun and not done (the client hung up,
+        // the upstream cut it): each is charged the handshake's reservation, as a request the
+        // upstream received without reporting usage would be.
+        if let Some(mut s) = self.session.take() {
+            let amount = meter.reservation.as_ref().map(|r| r.amount());
+            for _ in 0..std::mem::take(&mut s.open) {
+                let charged = amount.unwrap_or_default();
+                if let Some(r) = &meter.reservation {
+                    for e in &r.charge(charged, crate::clock::now_secs()).0 {
+                        self.audit.emit(e);
+                    }
+                }
+                s.responses += 1;
+                s.unreported = s.unreported.or(Some("none"));
+                let rec = LlmRecord::new(meter.model.clone(), Reading::Absent, None);
+                self.account(&rec, charged);
+            }
+            self.session = Some(s);
+        }
         let usage = self.live.config.usage.as_ref();
         let settled = meter.settle(self.exchange, |req, resp| usage?.price(req, resp));
         for e in &settled.events {

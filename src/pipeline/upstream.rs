@@ -166,6 +166,11 @@ async fn open_websocket(
 ) -> Result<Answer, GatewayError> {
     let sent = Instant::now();
     ctx.record.exchange = Exchange::Sent;
+    // SPEC §8: a metered session's messages must be readable, so no compression is negotiated.
+    let mut parts = parts;
+    if ctx.record.meters_realtime() {
+        parts.headers.remove(http::header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     let opened = websocket::open(parts, &route.upstream.authority, route.timeout)
         .await
         .inspect_err(|e| {

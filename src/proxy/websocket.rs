@@ -87,10 +87,24 @@ pub async fn open(
         parts.uri = http::Uri::from(pq);
     }
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
+    let offered_extensions = parts
+        .headers
+        .contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS);
     let mut up_req = Request::from_parts(parts, super::body::empty());
     up_req.headers_mut().remove(http::header::CONTENT_LENGTH);
     let mut resp = handshake(authority, up_req, timeout).await?;
     let status = resp.status().as_u16();
+    // An extension the client did not offer (the gateway removed the offer of a metered session)
+    // would leave the messages unreadable: the upstream broke the handshake.
+    if accepted(&resp)
+        && !offered_extensions
+        && resp
+            .headers()
+            .contains_key(http::header::SEC_WEBSOCKET_EXTENSIONS)
+    {
+        tracing::debug!("websocket upstream chose an extension that was not offered");
+        return Err(GatewayError::UpstreamUnavailable);
+    }
     match client_upgrade {
         Some(client) if accepted(&resp) => {
             let upstream = hyper::upgrade::on(&mut resp);
