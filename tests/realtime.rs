@@ -4,8 +4,10 @@
 //! frame passed on unchanged; a cap spent during a session closes it with 1008
 //! `budget_exceeded` right after the `response.done` that spent it; a message over 1 MiB passes
 //! unscanned and uncharged; a fragmented `response.done` is read; a `response.done` without
-//! believable usage is charged the handshake's reservation; a non-`llm` WebSocket route is not
-//! metered. The gateway is the real binary, the upstream a tungstenite server
+//! believable usage is charged the handshake's reservation; a response begun and never done is
+//! charged the reservation when the session ends; a metered handshake negotiates no compression
+//! (the client's offer is removed; an upstream that picks an extension anyway is refused with
+//! 502); a non-`llm` WebSocket route is not metered. The gateway is the real binary, the upstream a tungstenite server
 //! (`support::realtime_upstream`), the ledger a SQLite file in a tempdir.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
@@ -612,4 +614,143 @@ async fn a_websocket_route_without_llm_is_not_metered() {
     }
     let rows = stop_and_read_ledger(&mut gw, &db).await;
     assert!(rows.is_empty(), "{rows:?}");
+}
+
+#[tokio::test]
+async fn a_response_begun_and_never_done_is_charged_the_reservation_when_the_session_ends() {
+    let (rt, _dir, db) = fixture().await;
+    let mut gw = Gateway::start(&config(&rt, &db, "", true)).await;
+    let mut ws = connect(&gw).await;
+    let mut got = vec![next_text(&mut ws).await];
+    got.extend(respond(&mut ws, 30, 10).await);
+    // The second response is begun (`response.created`, then a delta) and its `response.done`
+    // never comes: the client hangs up once the delta is there.
+    say(
+        &mut ws,
+        serde_json::json!({"type": "response.create", "input_tokens": 40, "output_tokens": 12, "hold": true}),
+    )
+    .await;
+    let created = next_text(&mut ws).await;
+    assert_eq!(kind(&created), "response.created", "{created}");
+    got.push(created);
+    let delta = next_text(&mut ws).await;
+    assert_eq!(kind(&delta), "response.audio_transcript.delta", "{delta}");
+    got.push(delta);
+    close(ws).await;
+
+    let session = rt.wait_ended(0).await;
+    assert_eq!(session.ended.as_deref(), Some("close frame"), "{session:?}");
+    assert_eq!(session.received.len(), 2, "{session:?}");
+    assert_eq!(session.responses, 1, "{session:?}");
+    assert_eq!(got, session.sent);
+
+    // The record: the reported response's totals, and a response without usage.
+    let recs = gw.wait_requests(1).await;
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let rec = &recs[0];
+    assert_session_record(rec);
+    assert_eq!(rec["prompt_tokens"], 30, "{rec}");
+    assert_eq!(rec["completion_tokens"], 10, "{rec}");
+    assert_eq!(rec["usage_source"], "none", "{rec}");
+    let request_id = rec["request_id"].as_str().unwrap().to_owned();
+
+    // The done response keeps its row; the abandoned one is charged the handshake's reservation
+    // at close, without token counts.
+    let rows = stop_and_read_ledger(&mut gw, &db).await;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_response_row(&rows[0], &request_id, 30, 10);
+    let held = &rows[1];
+    assert_eq!(held.request_id, request_id, "{held:?}");
+    assert_eq!(held.key_id.as_deref(), Some("voice"), "{held:?}");
+    assert_eq!(held.route, "realtime", "{held:?}");
+    assert_eq!(held.prompt_tokens, None, "{held:?}");
+    assert_eq!(held.completion_tokens, None, "{held:?}");
+    assert_eq!(held.usage_source, "none", "{held:?}");
+    assert_eq!(held.charged_tokens, RESERVATION as i64, "{held:?}");
+}
+
+#[tokio::test]
+async fn a_metered_session_negotiates_no_compression() {
+    const OFFER: &str = "permessage-deflate; client_max_window_bits";
+    let has_extensions =
+        |headers: &[(String, String)]| headers.iter().any(|(n, _)| n == "sec-websocket-extensions");
+    let (rt, _dir, db) = fixture().await;
+    let mut gw = Gateway::start(&config(&rt, &db, "", true)).await;
+
+    // The client offers compression; the upstream never sees the offer, and the session is
+    // metered.
+    let mut req = handshake(&gw);
+    req.headers_mut()
+        .insert("sec-websocket-extensions", OFFER.parse().unwrap());
+    let (mut ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the handshake timed out")
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    assert!(
+        resp.headers().get("sec-websocket-extensions").is_none(),
+        "{resp:?}"
+    );
+    let mut got = vec![next_text(&mut ws).await];
+    got.extend(respond(&mut ws, 30, 10).await);
+    close(ws).await;
+    let session = rt.wait_ended(0).await;
+    assert!(
+        session
+            .headers
+            .iter()
+            .any(|(n, _)| n == "sec-websocket-key"),
+        "{:?}",
+        session.headers
+    );
+    assert!(!has_extensions(&session.headers), "{:?}", session.headers);
+    assert_eq!(session.responses, 1, "{session:?}");
+    assert_eq!(got, session.sent);
+    let recs = gw.wait_requests(1).await;
+    assert_session_record(&recs[0]);
+    assert_eq!(recs[0]["prompt_tokens"], 30, "{}", recs[0]);
+    assert_eq!(recs[0]["completion_tokens"], 10, "{}", recs[0]);
+    assert_eq!(recs[0]["usage_source"], "upstream", "{}", recs[0]);
+    let request_id = recs[0]["request_id"].as_str().unwrap().to_owned();
+
+    // An upstream that picks an extension anyway (it was not offered one): the client is
+    // answered 502 upstream_unavailable, and no tunnel opens.
+    let mut req = handshake(&gw);
+    *req.uri_mut() = format!(
+        "ws://{}/v1/realtime?model={MODEL}&extensions=permessage-deflate",
+        gw.addr
+    )
+    .parse()
+    .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-extensions", OFFER.parse().unwrap());
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("the refused handshake timed out")
+    {
+        Err(WsError::Http(resp)) => {
+            assert_eq!(resp.status(), 502);
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+            assert!(body.contains("\"upstream_unavailable\""), "{body}");
+        }
+        Ok(_) => panic!("a tunnel opened behind an extension nobody offered"),
+        Err(e) => panic!("the refused handshake failed otherwise: {e}"),
+    }
+    let refused = rt.wait_ended(1).await;
+    assert!(!has_extensions(&refused.headers), "{:?}", refused.headers);
+    assert!(refused.received.is_empty(), "{refused:?}");
+    let recs = gw.wait_requests(2).await;
+    assert_eq!(recs[1]["status"], 502, "{}", recs[1]);
+    assert_eq!(recs[1]["outcome"], "upstream_unavailable", "{}", recs[1]);
+
+    let rows = stop_and_read_ledger(&mut gw, &db).await;
+    let session_rows: Vec<&Row> = rows.iter().filter(|r| r.request_id == request_id).collect();
+    assert_eq!(session_rows.len(), 1, "{rows:?}");
+    assert_response_row(session_rows[0], &request_id, 30, 10);
+    // The refused handshake opened no session: it is charged nothing.
+    let refused_id = recs[1]["request_id"].as_str().unwrap();
+    for row in rows.iter().filter(|r| r.request_id != request_id) {
+        assert_eq!(row.request_id, refused_id, "{rows:?}");
+        assert_eq!(row.charged_tokens, 0, "{row:?}");
+    }
 }

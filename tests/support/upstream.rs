@@ -615,10 +615,15 @@ fn realtime_usage(input: u64, output: u64) -> serde_json::Value {
 ///   query parameters, else 20 and 5. A `usage` field in the message is sent verbatim as
 ///   `response.usage` instead (any JSON, to send unbelievable figures), and `"no_usage": true`
 ///   leaves usage out. With `"fragmented": true` the `response.done` goes as a text frame and two
-///   continuation frames, with a ping between the first two.
+///   continuation frames, with a ping between the first two. With `"hold": true` only the
+///   `response.created` and the audio transcript delta are sent: the response is begun and never
+///   done (its `response.done` never comes; the session goes on).
 /// - `test.big`: one text frame of exactly [`REALTIME_BIG`] bytes: a JSON `response.done` with
 ///   usage (1000 + 1000 tokens) padded by a `padding` string of varied characters — a message
 ///   over the gateway's scanning bound, which must pass intact and not be charged.
+///
+/// A handshake query parameter `extensions=V` makes the 101 carry `Sec-WebSocket-Extensions: V`,
+/// offered or not (an upstream that picks an extension on its own; nothing is compressed).
 ///
 /// Everything received and sent is recorded per session (see [`RealtimeSession`]).
 pub async fn realtime_upstream() -> Realtime {
@@ -652,7 +657,7 @@ async fn realtime_session(
     let mut seen = RealtimeSession::default();
     // tungstenite's callback type: its refusal is the large `http::Response` it sends.
     #[allow(clippy::result_large_err)]
-    let check = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+    let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         seen.target = req
             .uri()
             .path_and_query()
@@ -669,6 +674,16 @@ async fn realtime_session(
             })
             .collect();
         if req.uri().path() == "/v1/realtime" {
+            let chosen = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("extensions="));
+            if let Some(v) = chosen {
+                resp.headers_mut()
+                    .insert(http::header::SEC_WEBSOCKET_EXTENSIONS, v.parse().unwrap());
+            }
             Ok(resp)
         } else {
             let mut refused = ErrorResponse::new(Some("no such realtime endpoint".to_owned()));
@@ -752,7 +767,9 @@ async fn realtime_session(
                     serde_json::json!({"type": "response.text.delta", "event_id": format!("event_{n}_2"), "response_id": rid, "delta": ", the word \"response.done\" "}),
                     serde_json::json!({"type": "response.text.delta", "event_id": format!("event_{n}_3"), "response_id": rid, "delta": "is not the end."}),
                 ];
-                for d in deltas {
+                let hold = v["hold"].as_bool() == Some(true);
+                let begun = if hold { &deltas[..2] } else { &deltas[..] };
+                for d in begun {
                     r = say!(d.to_string());
                     if r.is_err() {
                         break;
@@ -760,6 +777,9 @@ async fn realtime_session(
                 }
                 if r.is_err() {
                     break;
+                }
+                if hold {
+                    continue;
                 }
                 let done = realtime_done(n, usage.as_ref());
                 note(&|s| s.responses += 1);
