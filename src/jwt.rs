@@ -34,6 +34,8 @@ pub struct Issuer {
     keys: Vec<(Option<String>, DecodingKey)>,
     pub leeway: Duration,
     pub required: serde_json::Map<String, serde_json::Value>,
+    /// Caps for each subject of this issuer separately (SPEC §10 `[[issuers]] budget`).
+    pub budget: std::sync::Arc<[crate::llm::budget::Cap]>,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -98,6 +100,7 @@ impl Issuer {
             keys,
             leeway,
             required,
+            budget: std::sync::Arc::from([]),
         })
     }
 

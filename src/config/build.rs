@@ -67,6 +67,12 @@ impl Config {
                         None
                     }
                 })
+            })
+            .or_else(|| {
+                issuers
+                    .iter()
+                    .position(|i| !i.budget.is_empty())
+                    .map(|i| format!("issuers[{i}].budget"))
             });
         if let Some(path) = budgeted
             && !has_ledger
@@ -76,7 +82,7 @@ impl Config {
                 "budgets need [usage] with a database (the ledger that keeps spend across restarts)",
             ));
         }
-        check_caps_against_usage(&budgets, &keys, usage.as_ref())?;
+        check_caps_against_usage(&budgets, &keys, &issuers, usage.as_ref())?;
 
         Ok(Config {
             budgets,
@@ -119,12 +125,6 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
             return Err(invalid(
                 p("jwks_url"),
                 "jwks_url is not supported yet; download the JWKS to a file and use jwks_file",
-            ));
-        }
-        if r.budget.is_some() {
-            return Err(invalid(
-                p("budget"),
-                "budgets per JWT subject are not supported yet; [budgets] applies to every request",
             ));
         }
         let mut algorithms = Vec::new();
@@ -204,6 +204,10 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
             required,
         )
         .map_err(|e| invalid(p("jwks_file"), e))?;
+        let mut issuer = issuer;
+        if let Some(b) = &r.budget {
+            issuer.budget = caps(b, &p("budget"))?.into();
+        }
         out.push(Arc::new(issuer));
     }
     Ok(out)
@@ -739,16 +743,25 @@ fn usage(raw: &RawConfig, env: &dyn Env) -> Result<Option<UsageSettings>, Invali
 fn check_caps_against_usage(
     gateway: &[crate::llm::budget::Cap],
     keys: &[Key],
+    issuers: &[Arc<crate::jwt::Issuer>],
     usage: Option<&UsageSettings>,
 ) -> Result<(), Invalid> {
     use crate::llm::budget::{Period, Unit};
     let scopes = std::iter::once(("budgets".to_owned(), gateway)).chain(
-        keys.iter().enumerate().flat_map(|(i, k)| {
-            [
-                (format!("keys[{i}].budget"), &*k.budget),
-                (format!("keys[{i}].user_budget"), &*k.user_budget),
-            ]
-        }),
+        keys.iter()
+            .enumerate()
+            .flat_map(|(i, k)| {
+                [
+                    (format!("keys[{i}].budget"), &*k.budget),
+                    (format!("keys[{i}].user_budget"), &*k.user_budget),
+                ]
+            })
+            .chain(
+                issuers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| (format!("issuers[{i}].budget"), &*x.budget)),
+            ),
     );
     let Some(usage) = usage else { return Ok(()) };
     for (at, caps) in scopes {

@@ -21,6 +21,8 @@ pub struct Admission<'a> {
     pub key_index: Option<usize>,
     /// The key's user (its `user_header`), held to the key's `user_budget`.
     pub user: Option<&'a str>,
+    /// A JWT identity (`<issuer>:<sub>`) and its issuer's per-subject caps, where there is no key.
+    pub subject: Option<(&'a str, Arc<[super::budget::Cap]>)>,
     /// The client speaks Anthropic's Messages API (it sent `anthropic-version`): its requests
     /// are never given OpenAI's `stream_options`.
     pub anthropic: bool,
@@ -40,7 +42,11 @@ impl Admission<'_> {
                 || self.key_index.is_some_and(|k| {
                     !cfg.keys[k].budget.is_empty()
                         || (self.user.is_some() && !cfg.keys[k].user_budget.is_empty())
-                }))
+                })
+                || self
+                    .subject
+                    .as_ref()
+                    .is_some_and(|(_, caps)| !caps.is_empty()))
     }
 
     fn default_completion(&self) -> u64 {
@@ -158,12 +164,20 @@ impl Admission<'_> {
         let (live, cfg) = (self.live, &self.live.config);
         let key = self.key_index.map(|k| &cfg.keys[k]);
         let user_caps = key.map_or_else(|| Arc::from([]), |k| k.user_budget.clone());
+        let (subject, subject_caps) = match &self.subject {
+            Some((id, caps)) => (Some(Arc::<str>::from(*id)), Some(caps.clone())),
+            None => (None, None),
+        };
         let applies = Applies {
-            key: self.key_index.map(|k| live.key_ids[k].clone()),
+            // A JWT subject is held like a key: its spend is kept under its identity.
+            key: self.key_index.map(|k| live.key_ids[k].clone()).or(subject),
             // A user has an account only where there is a cap to hold them to.
             user: self.user.filter(|_| !user_caps.is_empty()).map(Arc::from),
             // Shared slices: a refcount each, no copy of the caps per request.
-            key_caps: key.map_or_else(|| Arc::from([]), |k| k.budget.clone()),
+            key_caps: key
+                .map(|k| k.budget.clone())
+                .or(subject_caps)
+                .unwrap_or_else(|| Arc::from([])),
             user_caps,
             gateway_caps: cfg.budgets.clone(),
         };

@@ -211,6 +211,14 @@ impl Record {
         self.subject_label = Some(issuer.to_owned());
     }
 
+    /// The JWT identity this request authenticated as and its issuer's name, if any.
+    pub fn subject_with_issuer(&self) -> Option<(&str, &str)> {
+        Some((
+            self.fields.key_id.as_deref()?,
+            self.subject_label.as_deref()?,
+        ))
+    }
+
     /// The JWT identity this request authenticated as, if any.
     pub fn subject(&self) -> Option<&str> {
         self.subject_label

@@ -32,11 +32,24 @@ pub(super) async fn meter_request(
     req: Request<Incoming>,
 ) -> Result<Request<ClientBody>, GatewayError> {
     let user = ctx.record.user().map(str::to_owned);
+    // A JWT identity: its issuer's per-subject caps (SPEC §10 `[[issuers]] budget`).
+    let subject = ctx.record.subject_with_issuer().map(|(id, issuer)| {
+        let caps = live
+            .config
+            .issuers
+            .iter()
+            .find(|i| i.name == issuer)
+            .map_or_else(|| Arc::from([]), |i| i.budget.clone());
+        (id.to_owned(), caps)
+    });
     let admission = Admission {
         live,
         book: shared.budgets.as_ref(),
         key_index,
         user: user.as_deref(),
+        subject: subject
+            .as_ref()
+            .map(|(id, caps)| (id.as_str(), caps.clone())),
         anthropic: req.headers().contains_key("anthropic-version"),
     };
     let meter = ctx.record.meter.insert(Meter::new(None));
