@@ -6,6 +6,8 @@
 //! full work: key check, limiter, audit log to a file, and TLS where the row says so.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -154,14 +156,7 @@ impl Drop for Proc {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+    common::vm_rss_kib(pid)
 }
 
 fn start_upstream() -> (Proc, SocketAddr) {
@@ -256,16 +251,7 @@ struct WrkResult {
 }
 
 fn parse_ms(s: &str) -> f64 {
-    let s = s.trim();
-    if let Some(v) = s.strip_suffix("us") {
-        v.parse::<f64>().unwrap_or(0.0) / 1000.0
-    } else if let Some(v) = s.strip_suffix("ms") {
-        v.parse().unwrap_or(0.0)
-    } else if let Some(v) = s.strip_suffix('s') {
-        v.parse::<f64>().unwrap_or(0.0) * 1000.0
-    } else {
-        0.0
-    }
+    common::latency_ms(s).unwrap_or(0.0)
 }
 
 fn wrk(url: &str, secs: u32) -> WrkResult {
@@ -298,21 +284,7 @@ fn wrk(url: &str, secs: u32) -> WrkResult {
 }
 
 fn ensure_wrk() -> bool {
-    if Command::new("wrk").arg("--version").output().is_ok() {
-        return true;
-    }
-    eprintln!("installing wrk (Debian package)...");
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "wrk"])
-        .status();
-    if Command::new("wrk").arg("--version").output().is_ok() {
-        return true;
-    }
-    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-    let _ = Command::new("apt-get")
-        .args(["install", "-y", "-qq", "wrk"])
-        .status();
-    Command::new("wrk").arg("--version").output().is_ok()
+    common::ensure("wrk", &["wrk"]).is_some()
 }
 
 // ------------------------------------------------------------------ open-loop latency
@@ -541,22 +513,7 @@ fn main() {
         let before = rss_kib(gws.proc.0.id());
         let tls_port = gws.addr.port();
         let held = rt.block_on(async move {
-            let cfg = {
-                let mut roots = rustls::RootCertStore::empty();
-                use rustls_pki_types::pem::PemObject;
-                roots
-                    .add(rustls_pki_types::CertificateDer::from_pem_slice(ca.0.as_bytes()).unwrap())
-                    .unwrap();
-                let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Arc::new(c)
-            };
+            let cfg = common::tls_client(&ca.0);
             let mut held = Vec::new();
             for _ in 0..1000 {
                 let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))

@@ -20,6 +20,8 @@
 //! table shows the mean of the two rounds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -63,39 +65,6 @@ struct Tools {
     haproxy: Option<PathBuf>,
     wrk: PathBuf,
     h2load: Option<PathBuf>,
-}
-
-fn find_bin(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-}
-
-/// `bin`, installing the first of `pkgs` that provides it (Debian packages) when it is missing.
-fn ensure(bin: &str, pkgs: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = find_bin(bin) {
-        return Some(p);
-    }
-    for update in [false, true] {
-        if update {
-            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        }
-        for pkg in pkgs {
-            eprintln!("installing {pkg} (Debian package)...");
-            let _ = Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends", pkg])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                // Keeps invoke-rc.d from starting the package's own service.
-                .env("RUNLEVEL", "1")
-                .status();
-            if let Some(p) = find_bin(bin) {
-                return Some(p);
-            }
-        }
-    }
-    None
 }
 
 /// The whole output (stdout then stderr) of `bin args`, or "" when it cannot run.
@@ -247,19 +216,7 @@ fn cpu_busy_ticks(cpu: usize) -> u64 {
 
 /// VmRSS of `root` and its children, KiB.
 fn rss_kib(root: u32) -> u64 {
-    tree(root)
-        .into_iter()
-        .map(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                })
-                .unwrap_or(0)
-        })
-        .sum()
+    tree(root).into_iter().map(common::vm_rss_kib).sum()
 }
 
 fn is_root() -> bool {
@@ -633,17 +590,7 @@ struct LoadOut {
 }
 
 fn parse_dur_ms(s: &str) -> f64 {
-    let s = s.trim();
-    let num = |v: &str| v.parse::<f64>().unwrap_or(f64::NAN);
-    if let Some(v) = s.strip_suffix("us") {
-        num(v) / 1000.0
-    } else if let Some(v) = s.strip_suffix("ms") {
-        num(v)
-    } else if let Some(v) = s.strip_suffix('s') {
-        num(v) * 1000.0
-    } else {
-        f64::NAN
-    }
+    common::latency_ms(s).unwrap_or(f64::NAN)
 }
 
 /// The numbers in a line such as "connect 0, read 0, write 0, timeout 0".
@@ -824,23 +771,6 @@ type Held = Vec<(
     hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     tokio::task::JoinHandle<hyper::Result<()>>,
 )>;
-
-fn tls_client(cert_pem: &str) -> Arc<rustls::ClientConfig> {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap())
-        .unwrap();
-    let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(c)
-}
 
 /// `n` TLS 1.3 HTTP/1.1 keep-alive connections to `port`, one request with the key on each
 /// (a 200 with the upstream's body), all held open.
@@ -1261,15 +1191,15 @@ fn main() {
         "the bench pins the upstream and the load to CPU 0 and the proxies to CPU 1: it needs 2 CPUs"
     );
 
-    let wrk_bin = ensure("wrk", &["wrk"])
+    let wrk_bin = common::ensure("wrk", &["wrk"])
         .expect("wrk is required and could not be installed (apt-get install wrk)");
-    let nginx = ensure("nginx", &["nginx-light", "nginx"])
+    let nginx = common::ensure("nginx", &["nginx-light", "nginx"])
         .expect("nginx is required and could not be installed (apt-get install nginx-light)");
-    let haproxy = ensure("haproxy", &["haproxy"]);
+    let haproxy = common::ensure("haproxy", &["haproxy"]);
     if haproxy.is_none() {
         println!("note: HAProxy could not be installed: its cells are skipped");
     }
-    let h2load_bin = ensure("h2load", &["nghttp2-client"]);
+    let h2load_bin = common::ensure("h2load", &["nghttp2-client"]);
     if h2load_bin.is_none() {
         println!("note: h2load (nghttp2-client) could not be installed: S3 is skipped");
     }
@@ -1419,7 +1349,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let tls_cfg = tls_client(&cert_pem);
+    let tls_cfg = common::tls_client(&cert_pem);
     for t in &targets {
         let (good, bad) = if t.who == Who::Direct {
             (
