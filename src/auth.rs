@@ -199,10 +199,7 @@ impl KeyStore {
         if k.expires.is_some_and(|e| now >= e) {
             return Err((GatewayError::ExpiredApiKey, Some(index), true));
         }
-        if let Some(routes) = &k.routes
-            && !route.mint
-            && !routes.contains(&route.name)
-        {
+        if !route.mint && !k.allows(&route.name) {
             return Err((GatewayError::KeyNotAllowed, Some(index), false));
         }
         Ok(Authenticated { index })
@@ -239,9 +236,7 @@ impl KeyStore {
             && !k.disabled
             && k.expires.is_none_or(|e| now < e)
             && claims.route == route
-            && k.routes
-                .as_ref()
-                .is_none_or(|rs| rs.iter().any(|r| r == route));
+            && k.allows(route);
         if !alive {
             return refused(Some(index));
         }

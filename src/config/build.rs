@@ -155,15 +155,7 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
                     "a secret is for HS256 only; list HS256",
                 ));
             }
-            Some(s) => {
-                let s = secret::resolve(s, env).map_err(|m| invalid(p("secret"), m))?;
-                if s.expose_secret().len() < 32
-                    && !(env.lenient() && s.expose_secret() == secret::Lenient::PLACEHOLDER)
-                {
-                    return Err(invalid(p("secret"), "must be at least 32 bytes"));
-                }
-                Some(s)
-            }
+            Some(s) => Some(hmac_secret(s, &p("secret"), env)?),
         };
         let jwks = match (&r.jwks_file, public) {
             (None, true) => {
@@ -252,15 +244,7 @@ fn tokens(raw: &RawConfig, env: &dyn Env) -> Result<Option<Tokens>, Invalid> {
     let Some(t) = &raw.tokens else {
         return Ok(None);
     };
-    let secret = secret::resolve(&t.secret, env).map_err(|m| invalid("tokens.secret", m))?;
-    let s = secret.expose_secret();
-    // `usage` and `keys` read the config leniently: an unset secret is a placeholder there.
-    if s.len() < 32 && !(env.lenient() && s == secret::Lenient::PLACEHOLDER) {
-        return Err(invalid(
-            "tokens.secret",
-            "must be at least 32 bytes (e.g. `openssl rand -base64 48`)",
-        ));
-    }
+    let secret = hmac_secret(&t.secret, "tokens.secret", env)?;
     if t.max_ttl.0.is_zero() || t.max_ttl.0 > std::time::Duration::from_secs(86_400) {
         return Err(invalid("tokens.max_ttl", "must be between 1s and 24h"));
     }
@@ -268,6 +252,20 @@ fn tokens(raw: &RawConfig, env: &dyn Env) -> Result<Option<Tokens>, Invalid> {
         secret,
         max_ttl: t.max_ttl.0,
     }))
+}
+
+/// An HMAC key (`[tokens] secret`, an issuer's HS256 `secret`): resolved, and at least 32 bytes.
+/// `usage` and `keys` read the config leniently, and an unset secret is a placeholder there.
+fn hmac_secret(raw: &str, path: &str, env: &dyn Env) -> Result<secrecy::SecretString, Invalid> {
+    let secret = secret::resolve(raw, env).map_err(|m| invalid(path, m))?;
+    let s = secret.expose_secret();
+    if s.len() < 32 && !(env.lenient() && s == secret::Lenient::PLACEHOLDER) {
+        return Err(invalid(
+            path,
+            "must be at least 32 bytes (e.g. `openssl rand -base64 48`)",
+        ));
+    }
+    Ok(secret)
 }
 
 /// The route `[tokens]` adds for `POST /.portcullis/token`: key authentication, the default

@@ -203,6 +203,15 @@ pub struct Key {
     pub user_budget: Arc<[crate::llm::budget::Cap]>,
 }
 
+impl Key {
+    /// Whether this key may use the route named `route` (its `routes`, or every route).
+    pub fn allows(&self, route: &str) -> bool {
+        self.routes
+            .as_ref()
+            .is_none_or(|rs| rs.iter().any(|r| r == route))
+    }
+}
+
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Key")

@@ -68,11 +68,7 @@ pub(super) async fn answer(
         return Err(GatewayError::BadRequest);
     };
     let key = &cfg.keys[k];
-    if key
-        .routes
-        .as_ref()
-        .is_some_and(|rs| !rs.contains(&target.name))
-    {
+    if !key.allows(&target.name) {
         return Err(GatewayError::KeyNotAllowed);
     }
     let now = std::time::SystemTime::now();

@@ -219,13 +219,6 @@ impl Record {
         ))
     }
 
-    /// The JWT identity this request authenticated as, if any.
-    pub fn subject(&self) -> Option<&str> {
-        self.subject_label
-            .as_ref()
-            .and(self.fields.key_id.as_deref())
-    }
-
     pub fn set_user(&mut self, user: &str) {
         self.fields.user = Some(user.to_owned());
     }
@@ -322,13 +315,7 @@ impl Record {
             },
             _ => reservation.map(|r| r.amount()).unwrap_or_default(),
         };
-        let (events, spent) = match reservation {
-            Some(r) => r.charge(charged, crate::clock::now_secs()),
-            None => (Vec::new(), false),
-        };
-        for e in &events {
-            self.audit.emit(e);
-        }
+        let spent = self.charge_response(reservation, &rec, charged);
         let s = self.session.get_or_insert_with(Session::default);
         s.responses += 1;
         s.open = s.open.saturating_sub(1);
@@ -344,26 +331,32 @@ impl Record {
             _ if s.unreported == Some("invalid") => {}
             _ => s.unreported = Some(rec.usage_source),
         }
-        self.account(&rec, charged);
         if spent { Flow::Stop } else { Flow::Continue }
+    }
+
+    /// Charges one realtime response on top of the session's reservation, with its `budget`
+    /// events, metrics and ledger row; true when a cap is now spent.
+    fn charge_response(
+        &self,
+        reservation: Option<&crate::llm::budget::Reservation>,
+        rec: &LlmRecord,
+        charged: Amount,
+    ) -> bool {
+        let (events, spent) = match reservation {
+            Some(r) => r.charge(charged, crate::clock::now_secs()),
+            None => (Vec::new(), false),
+        };
+        for e in &events {
+            self.audit.emit(e);
+        }
+        self.account(rec, charged);
+        spent
     }
 
     /// The metrics and the ledger row of one charge: a request's, or a realtime response's.
     fn account(&self, rec: &LlmRecord, charged: Amount) {
+        self.usage_metrics(rec);
         let f = &self.fields;
-        if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
-            crate::metrics::llm_usage(
-                f.route.as_deref().unwrap_or("none"),
-                self.subject_label
-                    .as_deref()
-                    .or(f.key_id.as_deref())
-                    .unwrap_or("none"),
-                self.live.model_label(rec.model.as_deref()),
-                p,
-                c,
-                rec.cost_usd,
-            );
-        }
         if let (Some(ledger), Some(route)) = (&self.ledger, &f.route) {
             ledger.record(Row {
                 ts_ms: SystemTime::now()
@@ -393,16 +386,11 @@ impl Record {
         if let Some(mut s) = self.session.take() {
             let amount = meter.reservation.as_ref().map(|r| r.amount());
             for _ in 0..std::mem::take(&mut s.open) {
+                let rec = LlmRecord::new(meter.model.clone(), Reading::Absent, None);
                 let charged = amount.unwrap_or_default();
-                if let Some(r) = &meter.reservation {
-                    for e in &r.charge(charged, crate::clock::now_secs()).0 {
-                        self.audit.emit(e);
-                    }
-                }
+                self.charge_response(meter.reservation.as_ref(), &rec, charged);
                 s.responses += 1;
                 s.unreported = s.unreported.or(Some("none"));
-                let rec = LlmRecord::new(meter.model.clone(), Reading::Absent, None);
-                self.account(&rec, charged);
             }
             self.session = Some(s);
         }
@@ -426,8 +414,17 @@ impl Record {
         let rec = settled.record;
         if settled.admitted {
             self.account(&rec, settled.charged);
-        } else if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
-            let f = &self.fields;
+        } else {
+            self.usage_metrics(&rec);
+        }
+        self.fields.llm = Some(rec);
+    }
+
+    /// The token and cost counters of a charge that reported usage. A JWT identity is labelled
+    /// by its issuer only (subjects are unbounded).
+    fn usage_metrics(&self, rec: &LlmRecord) {
+        let f = &self.fields;
+        if let (Some(p), Some(c)) = (rec.prompt_tokens, rec.completion_tokens) {
             crate::metrics::llm_usage(
                 f.route.as_deref().unwrap_or("none"),
                 self.subject_label
@@ -440,7 +437,6 @@ impl Record {
                 rec.cost_usd,
             );
         }
-        self.fields.llm = Some(rec);
     }
 }
 

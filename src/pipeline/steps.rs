@@ -233,7 +233,7 @@ pub(super) fn limit_key(
     {
         limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))
             .inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
-    } else if let Some(subject) = ctx.record.subject()
+    } else if let Some((subject, _)) = ctx.record.subject_with_issuer()
         && let Some(l) = live.per_subject_limiter(route.index)
     {
         // A JWT subject: limited like a key, by its identity `<issuer>:<sub>`.
