@@ -7,10 +7,12 @@
 //! family (HMAC only from `secret`, RSA/EC/Ed25519 only from the JWKS), `iss`, `aud`, `exp`, `nbf`
 //! with `leeway`, and `required_claims` compared exactly. A valid token's identity is
 //! `<issuer name>:<sub>`.
+//!
+//! An issuer's public keys come from its `jwks_file` (read with the config) or its `jwks_url`
+//! (fetched and refreshed off the request path by [`crate::jwks`], read here without a lock).
 
 use std::time::Duration;
 
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 
 /// The algorithms an issuer may list (SPEC §10).
@@ -21,6 +23,8 @@ pub const ALGORITHMS: [(&str, Algorithm); 4] = [
     ("HS256", Algorithm::HS256),
 ];
 
+pub use crate::jwks::{Keys, parse_jwks};
+
 /// The longest `sub` accepted (it becomes the identity in audit records and limiter state).
 const MAX_SUBJECT: usize = 256;
 
@@ -30,8 +34,10 @@ pub struct Issuer {
     pub issuer: String,
     pub audiences: Vec<String>,
     pub algorithms: Vec<Algorithm>,
-    /// Verification keys: `(kid, key)`, from the JWKS or the secret.
-    keys: Vec<(Option<String>, DecodingKey)>,
+    /// Verification keys: `(kid, key)`, from the JWKS file or the secret.
+    keys: Keys,
+    /// The keys fetched from `jwks_url` (SPEC §10), when the issuer has one.
+    pub remote: Option<std::sync::Arc<crate::jwks::Remote>>,
     pub leeway: Duration,
     pub required: serde_json::Map<String, serde_json::Value>,
     /// Caps for each subject of this issuer separately (SPEC §10 `[[issuers]] budget`).
@@ -44,6 +50,7 @@ impl std::fmt::Debug for Issuer {
             .field("name", &self.name)
             .field("issuer", &self.issuer)
             .field("keys", &self.keys.len())
+            .field("remote", &self.remote)
             .finish_non_exhaustive()
     }
 }
@@ -72,23 +79,10 @@ impl Issuer {
         leeway: Duration,
         required: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Issuer, String> {
-        let mut keys = Vec::new();
-        if let Some(text) = jwks {
-            let set: JwkSet =
-                serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
-            for jwk in &set.keys {
-                // Keys of other kinds (encryption keys, unsupported curves) are skipped, and so
-                // are symmetric (`oct`) keys: HMAC keys come only from `secret`.
-                if let Ok(k) = DecodingKey::from_jwk(jwk)
-                    && k.family() != jsonwebtoken::AlgorithmFamily::Hmac
-                {
-                    keys.push((jwk.common.key_id.clone(), k));
-                }
-            }
-            if keys.is_empty() {
-                return Err("the JWKS holds no usable verification key".to_owned());
-            }
-        }
+        let mut keys = match jwks {
+            Some(text) => parse_jwks(text.as_bytes())?,
+            None => Vec::new(),
+        };
         if let Some(s) = secret {
             keys.push((None, DecodingKey::from_secret(s)));
         }
@@ -98,6 +92,7 @@ impl Issuer {
             audiences,
             algorithms,
             keys,
+            remote: None,
             leeway,
             required,
             budget: std::sync::Arc::from([]),
@@ -127,7 +122,19 @@ impl Issuer {
             // A token without `aud` must not pass where audiences are checked.
             v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         }
-        let candidates = self.keys.iter().filter(|(kid, key)| {
+        // The fetched set of a `jwks_url`, as it is now (no lock; a refresh swaps it whole).
+        let fetched = self.remote.as_ref().map(|r| r.keys());
+        let fetched: &[(Option<String>, DecodingKey)] = match fetched.as_ref() {
+            Some(guard) => match guard.as_deref() {
+                Some(set) => set,
+                None => {
+                    tracing::debug!(issuer = %self.name, "no JWKS fetched yet from jwks_url");
+                    &[]
+                }
+            },
+            None => &[],
+        };
+        let candidates = self.keys.iter().chain(fetched).filter(|(kid, key)| {
             same_family(header.alg, key)
                 && (header.kid.is_none() || kid.is_none() || *kid == header.kid)
         });

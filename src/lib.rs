@@ -13,6 +13,8 @@ pub mod config;
 pub mod conn;
 pub mod cors;
 pub mod error;
+pub mod gate;
+pub mod jwks;
 pub mod jwt;
 pub mod keys;
 pub mod live;
@@ -36,6 +38,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use secrecy::ExposeSecret;
 
 use crate::audit::Audit;
 use crate::config::Config;
@@ -69,6 +73,18 @@ pub enum StartError {
     /// A reload that changes what only a restart can change.
     #[error("{0} needs a restart")]
     NeedsRestart(&'static str),
+    /// `[cluster]`: a Redis client could not be made from the URL.
+    #[error("{0}")]
+    Cluster(String),
+}
+
+/// The `jwks_url` slots of a config's issuers, for [`jwks::Sources::adopt`] (a fresh config:
+/// its issuers are not shared yet).
+fn issuer_remotes(cfg: &mut Config) -> impl Iterator<Item = &mut Option<Arc<jwks::Remote>>> {
+    cfg.issuers
+        .iter_mut()
+        .filter_map(Arc::get_mut)
+        .map(|i| &mut i.remote)
 }
 
 /// Loads and fully validates a config: the file, env secrets and the TLS files.
@@ -98,14 +114,22 @@ fn build_serve(
     budgets: Option<Arc<llm::budget::Book>>,
     audit: Audit,
     shutdown: CancellationToken,
-) -> Arc<server::Serve> {
+) -> Result<Arc<server::Serve>, StartError> {
     let limiters = rate_limit::Registry::new(cfg.limits.max_tracked_clients);
+    let gate = Arc::new(
+        gate::Gate::new(limiters.store_arc(), cfg.cluster.as_ref()).map_err(StartError::Cluster)?,
+    );
+    if let Some(book) = &budgets
+        && gate.is_shared()
+    {
+        book.share(gate.clone(), audit.clone());
+    }
     let serve = Arc::new(server::Serve {
         semaphore: Arc::new(Semaphore::new(cfg.server.max_connections)),
         shared: Arc::new(Shared {
             ledger,
             budgets,
-            lockout: lockout::Lockout::new(limiters.store_arc()),
+            gate,
             live: ArcSwap::from_pointee(live::Live::build(cfg, tls, &limiters)),
             limiters,
             forwarder: proxy::Forwarder::new(),
@@ -118,7 +142,7 @@ fn build_serve(
         connections: TaskTracker::new(),
     });
     serve.shared.publish_budgets();
-    serve
+    Ok(serve)
 }
 
 /// The request handling of [`run`] without listeners, signals, ledger or admin: for benchmarks
@@ -131,14 +155,7 @@ pub async fn embedded(cfg: Config) -> Result<Arc<server::Serve>, StartError> {
         Some(files) => Some(tls::server_config(files).map_err(StartError::Tls)?),
     };
     let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
-    Ok(build_serve(
-        cfg,
-        tls,
-        None,
-        None,
-        audit,
-        CancellationToken::new(),
-    ))
+    build_serve(cfg, tls, None, None, audit, CancellationToken::new())
 }
 
 /// Runs the gateway until SIGTERM/SIGINT, then drains and returns.
@@ -147,7 +164,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
         tracing::warn!(".env is readable by group or others; chmod 600 .env");
     }
     // Everything that can fail is done before anything serves: config, signals, sockets, ledger.
-    let (cfg, tls) = load_checked(&path, &env)?;
+    let (mut cfg, tls) = load_checked(&path, &env)?;
     let signals = install_signals()?;
     let listeners = server::bind(&cfg.server.listen)
         .await
@@ -167,12 +184,22 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     let audit = Audit::start(&cfg.audit).await.map_err(StartError::Audit)?;
     warn_about_exposure(&cfg);
     announce_key_expiry(&cfg);
+    // Each `jwks_url` is fetched before anything is served (boundedly: a provider that is down
+    // delays startup by at most the fetch timeout, and its tokens are refused until it answers).
+    let jwks = jwks::Sources::default();
+    jwks.adopt(issuer_remotes(&mut cfg));
+    jwks.first_fetches(jwks::FETCH_TIMEOUT).await;
 
     let addrs: Vec<_> = listeners.bound.iter().map(|(_, a)| *a).collect();
     let shutdown = CancellationToken::new();
     let grace = cfg.server.shutdown_grace;
     let workers = cfg.server.worker_count();
-    let serve = build_serve(cfg, tls, ledger, budgets, audit.clone(), shutdown.clone());
+    let cluster = cfg.cluster.clone();
+    let serve = build_serve(cfg, tls, ledger, budgets, audit.clone(), shutdown.clone())?;
+    if let Some(c) = &cluster {
+        metrics::cluster_configured();
+        gate::redis::announce(c).await;
+    }
     let listening = listeners.bound.into_iter().map(|(l, _)| l).collect();
     let workers =
         server::Workers::start(&serve, listening, workers).map_err(StartError::Workers)?;
@@ -197,7 +224,7 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     systemd::ready();
     let watchdog = tokio::spawn(systemd::watchdog());
 
-    wait_for_shutdown(signals, &serve, &path, &env).await;
+    wait_for_shutdown(signals, &serve, &path, &env, &jwks).await;
 
     // Drain: /readyz turns 503 first, so a load balancer stops sending before the listeners close.
     ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -363,12 +390,18 @@ fn install_signals() -> Result<Signals, StartError> {
 }
 
 #[cfg(unix)]
-async fn wait_for_shutdown(mut s: Signals, serve: &server::Serve, path: &Path, env: &LayeredEnv) {
+async fn wait_for_shutdown(
+    mut s: Signals,
+    serve: &server::Serve,
+    path: &Path,
+    env: &LayeredEnv,
+    jwks: &jwks::Sources,
+) {
     loop {
         tokio::select! {
             _ = s.term.recv() => return,
             _ = s.int.recv() => return,
-            _ = s.hup.recv() => reload(serve, path, env),
+            _ = s.hup.recv() => reload(serve, path, env, jwks),
             _ = s.usr1.recv() => serve.shared.audit.reopen(),
         }
     }
@@ -383,14 +416,20 @@ fn install_signals() -> Result<Signals, StartError> {
 }
 
 #[cfg(not(unix))]
-async fn wait_for_shutdown(_s: Signals, _serve: &server::Serve, _path: &Path, _env: &LayeredEnv) {
+async fn wait_for_shutdown(
+    _s: Signals,
+    _serve: &server::Serve,
+    _path: &Path,
+    _env: &LayeredEnv,
+    _jwks: &jwks::Sources,
+) {
     let _ = tokio::signal::ctrl_c().await;
 }
 
 /// SIGHUP: load and validate off to the side, then swap; on error keep serving the old config.
-fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
+fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv, jwks: &jwks::Sources) {
     systemd::reloading();
-    let result = load_checked(path, env).and_then(|(cfg, tls)| {
+    let result = load_checked(path, env).and_then(|(mut cfg, tls)| {
         let old = serve.shared.live.load();
         if cfg.server.listen != old.config.server.listen {
             tracing::warn!("server.listen changed: takes effect at the next restart");
@@ -409,11 +448,25 @@ fn reload(serve: &server::Serve, path: &Path, env: &LayeredEnv) {
         if db(&old.config) != db(&cfg) {
             return Err(StartError::NeedsRestart("changing usage.database"));
         }
+        // Redis is connected to once, at startup; its limits and on_error follow reloads.
+        let at = |c: &Config| {
+            c.cluster
+                .as_ref()
+                .map(|c| (c.redis.expose_secret().to_owned(), c.prefix.clone()))
+        };
+        if at(&old.config) != at(&cfg) {
+            return Err(StartError::NeedsRestart(
+                "adding or removing [cluster], or changing cluster.redis or cluster.prefix,",
+            ));
+        }
         // Listeners speak TLS or not from startup; the certificates themselves are re-read.
         if old.tls.is_some() != tls.is_some() {
             return Err(StartError::NeedsRestart("adding or removing [tls]"));
         }
         announce_key_expiry(&cfg);
+        // A `jwks_url` the old config had too keeps its fetched keys (and fetches again now).
+        jwks.adopt(issuer_remotes(&mut cfg));
+        serve.shared.gate.configure(cfg.cluster.as_ref());
         // One swap: config, limiters and certificates change together.
         serve.shared.live.store(Arc::new(live::Live::build(
             cfg,

@@ -67,10 +67,15 @@ enum Command {
     Usage {
         #[command(flatten)]
         config: ConfigArg,
+        /// Read this ledger instead of the config's usage.database; repeat it to add up several
+        /// instances' ledgers. With --database no config is read, so name every ledger to count
+        /// (a file named twice is counted once)
+        #[arg(long, value_name = "PATH")]
+        database: Vec<PathBuf>,
         /// How far back, e.g. 7d, 12h
         #[arg(long, default_value = "30d")]
         since: String,
-        /// Group by key, model or day
+        /// Group by key, model, day or user
         #[arg(long, value_enum, default_value = "key")]
         by: portcullis::llm::ledger::GroupBy,
         /// One JSON object per line instead of a table
@@ -95,10 +100,11 @@ fn main() -> ExitCode {
         Command::Keys { config, json } => keys(or_top(config), json),
         Command::Usage {
             config,
+            database,
             since,
             by,
             json,
-        } => usage(or_top(config), &since, by, json),
+        } => usage(or_top(config), &database, &since, by, json),
     }
 }
 
@@ -353,16 +359,9 @@ fn keys(cli_path: Option<PathBuf>, json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn usage(
-    cli_path: Option<PathBuf>,
-    since: &str,
-    by: portcullis::llm::ledger::GroupBy,
-    json: bool,
-) -> ExitCode {
-    let env = match env() {
-        Ok(e) => e,
-        Err(c) => return c,
-    };
+/// The ledger `usage` reads by default: the config's `usage.database`.
+fn configured_ledger(cli_path: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    let env = env()?;
     let path = config::resolve_path(cli_path.as_deref(), &env);
     // Only the ledger's path is read: secrets it does not need (an upstream's API key, the admin
     // token) may be absent, as they are for an operator's shell on a systemd-credentials Pi.
@@ -370,7 +369,7 @@ fn usage(
         Ok(c) => c,
         Err(e) => {
             eprintln!("portcullis: {e}");
-            return ExitCode::from(1);
+            return Err(ExitCode::from(1));
         }
     };
     let Some(db) = cfg.usage.as_ref().and_then(|u| u.database.clone()) else {
@@ -378,7 +377,7 @@ fn usage(
             "portcullis: {}: no usage.database is configured",
             path.display()
         );
-        return ExitCode::from(1);
+        return Err(ExitCode::from(1));
     };
     let placeholder = portcullis::config::secret::Lenient::PLACEHOLDER;
     if db.to_string_lossy().contains(placeholder) {
@@ -387,8 +386,28 @@ fn usage(
             path.display(),
             unresolved.join("}, ${")
         );
-        return ExitCode::from(1);
+        return Err(ExitCode::from(1));
     }
+    Ok(db)
+}
+
+/// `portcullis usage`: the config's ledger, or (with `--database`, repeatable) only the ledgers
+/// named, their totals added up per group; no config is read then.
+fn usage(
+    cli_path: Option<PathBuf>,
+    databases: &[PathBuf],
+    since: &str,
+    by: portcullis::llm::ledger::GroupBy,
+    json: bool,
+) -> ExitCode {
+    let db = if databases.is_empty() {
+        match configured_ledger(cli_path) {
+            Ok(db) => Some(db),
+            Err(c) => return c,
+        }
+    } else {
+        None
+    };
     let window = match portcullis::config::units::parse_duration(since) {
         Ok(d) => d,
         Err(e) => {
@@ -402,7 +421,20 @@ fn usage(
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
     let field = by.field();
-    let totals = match portcullis::llm::ledger::totals(&db, since_ms, by) {
+    let read = match &db {
+        Some(db) => portcullis::llm::ledger::totals(db, since_ms, by),
+        None => portcullis::llm::ledger::totals_of(databases, since_ms, by).map(|(t, again)| {
+            for r in again {
+                eprintln!(
+                    "portcullis: --database {} is {} again; counted once",
+                    r.given.display(),
+                    r.first.display()
+                );
+            }
+            t
+        }),
+    };
+    let totals = match read {
         Ok(t) => t,
         Err(e) => {
             eprintln!("portcullis: {e}");

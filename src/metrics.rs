@@ -12,10 +12,22 @@ const BUCKETS: &[f64] = &[
     120.0, 300.0,
 ];
 
+const CLUSTER_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
 /// Installs the global recorder. Fails only if one is already installed.
 pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets(BUCKETS)
+        .map_err(|e| e.to_string())?
+        // A Redis round trip on a LAN is a fraction of a millisecond.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "portcullis_cluster_duration_seconds".to_owned(),
+            ),
+            CLUSTER_BUCKETS,
+        )
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;
@@ -68,12 +80,24 @@ fn describe() {
     );
     describe_gauge!("portcullis_build_info", "Build information");
     describe_counter!(
+        "portcullis_cluster_errors_total",
+        "[cluster] steps Redis did not answer (failed, timed out, or skipped during an outage), by operation; each fell back per on_error"
+    );
+    describe_histogram!(
+        "portcullis_cluster_duration_seconds",
+        "Redis round trips ([cluster]) that got an answer"
+    );
+    describe_counter!(
         "portcullis_audit_waits_total",
         "Requests that waited for room in a full audit queue"
     );
     describe_counter!(
         "portcullis_connections_refused_total",
         "Client connections closed at accept, by reason (per_ip)"
+    );
+    describe_counter!(
+        "portcullis_jwks_refresh_errors_total",
+        "Failed fetches of an issuer's jwks_url (the last good key set is kept)"
     );
     describe_counter!(
         "portcullis_llm_tokens_total",
@@ -259,6 +283,17 @@ pub fn llm_usage(
     }
 }
 
+/// `portcullis_jwks_refresh_errors_total{issuer}` at 0, when the issuer's `jwks_url` fetching
+/// starts (so an `increase()` alert fires on the first failure too).
+pub fn jwks_issuer(issuer: &str) {
+    counter!("portcullis_jwks_refresh_errors_total", "issuer" => issuer.to_owned()).increment(0);
+}
+
+/// A fetch of an issuer's `jwks_url` failed.
+pub fn jwks_refresh_error(issuer: &str) {
+    counter!("portcullis_jwks_refresh_errors_total", "issuer" => issuer.to_owned()).increment(1);
+}
+
 pub fn ledger_error() {
     counter!("portcullis_ledger_errors_total").increment(1);
 }
@@ -273,4 +308,25 @@ pub fn budget_remaining(key_id: Option<&str>, period: &'static str, unit: &'stat
         "unit" => unit
     )
     .set(left);
+}
+
+/// With `[cluster]`: its error counters exist from the first scrape.
+pub fn cluster_configured() {
+    for op in CLUSTER_OPS {
+        counter!("portcullis_cluster_errors_total", "op" => op).absolute(0);
+    }
+}
+
+/// What `[cluster]` asks Redis: `admit` (limits and lockout of a request), `reserve` and
+/// `settle` (budgets).
+pub const CLUSTER_OPS: [&str; 3] = ["admit", "reserve", "settle"];
+
+/// A Redis round trip that failed or timed out (`op`: one of [`CLUSTER_OPS`]).
+pub fn cluster_error(op: &'static str) {
+    counter!("portcullis_cluster_errors_total", "op" => op).increment(1);
+}
+
+/// A Redis round trip that got an answer.
+pub fn cluster_duration(d: Duration) {
+    histogram!("portcullis_cluster_duration_seconds").record(d.as_secs_f64());
 }

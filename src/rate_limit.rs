@@ -142,6 +142,9 @@ pub struct Limiter {
     clock: DefaultClock,
     limit: u32,
     window: Duration,
+    /// What it limits at what rate, as text (`ip:bridge:10/60000ms`): the same on every
+    /// instance with the same config, so `[cluster]` names its Redis state by it.
+    name: Arc<str>,
 }
 
 impl Limiter {
@@ -163,6 +166,24 @@ impl Limiter {
 
     pub fn window(&self) -> Duration {
         self.window
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl LimiterId {
+    /// The limiter's name (see [`Limiter::name`]). A changed rate is a new name, so a reload
+    /// that changes a limit starts it afresh, locally and in Redis alike.
+    fn name(&self, n: u32, period: Duration) -> String {
+        let (kind, who) = match self {
+            LimiterId::RouteIp { route, .. } => ("ip", route.as_str()),
+            LimiterId::RouteKey { route, .. } => ("key", route.as_str()),
+            LimiterId::KeyOwn { key, .. } => ("own", key.as_str()),
+            LimiterId::DefaultKey { .. } => ("key", "*"),
+        };
+        format!("{kind}:{who}:{n}/{}ms", period.as_millis())
     }
 }
 
@@ -231,6 +252,7 @@ impl Registry {
             clock,
             limit: n.get(),
             window: period,
+            name: id.name(n.get(), period).into(),
         });
         map.insert(id, limiter.clone());
         Some(limiter)

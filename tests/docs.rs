@@ -24,9 +24,9 @@ impl Env for NoEnv {
     }
 }
 
-const TABLES: [&str; 13] = [
+const TABLES: [&str; 14] = [
     "server", "tls", "admin", "audit", "auth", "cors", "limits", "usage", "budgets", "keys",
-    "routes", "tokens", "issuers",
+    "routes", "tokens", "issuers", "cluster",
 ];
 
 fn read(relative: &str) -> String {

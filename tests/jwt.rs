@@ -1157,14 +1157,3 @@ fn a_jwt_route_without_issuers_names_its_key_path() {
     );
     check_refuses(&cfg, &["routes[0].issuers"]);
 }
-
-#[test]
-fn jwks_url_is_not_supported_yet_and_names_its_key_path() {
-    let cfg = format!(
-        "{}{ROUTE_JWT}issuers = [\"sso\"]\n",
-        raw_issuer(
-            "algorithms = [\"RS256\"]\njwks_url = \"https://sso.example/.well-known/jwks.json\""
-        )
-    );
-    check_refuses(&cfg, &["issuers[0].jwks_url"]);
-}

@@ -48,6 +48,7 @@ impl Config {
         }
         let keys = keys(&raw, &routes, env)?;
         let usage = usage(&raw, env)?;
+        let cluster = cluster(&raw, env)?;
 
         // A budget needs the ledger: without it, a restart would quietly reset every budget.
         let budgets: Arc<[_]> = match &raw.budgets {
@@ -98,12 +99,58 @@ impl Config {
             routes,
             tokens,
             issuers,
+            cluster,
         })
     }
 }
 
+/// `[cluster]`: a `redis://` or `rediss://` URL the redis crate can use, a short printable
+/// prefix, a timeout between 1 ms and 10 s.
+fn cluster(raw: &RawConfig, env: &dyn Env) -> Result<Option<Cluster>, Invalid> {
+    let Some(c) = &raw.cluster else {
+        return Ok(None);
+    };
+    let url = secret::resolve(&c.redis, env).map_err(|m| invalid("cluster.redis", m))?;
+    let lenient_placeholder =
+        env.lenient() && url.expose_secret().contains(secret::Lenient::PLACEHOLDER);
+    if !lenient_placeholder {
+        let u = url.expose_secret();
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            return Err(invalid(
+                "cluster.redis",
+                "must be a redis:// or rediss:// URL (e.g. redis://127.0.0.1:6379/0)",
+            ));
+        }
+        // The crate's own parser, so a URL accepted here is one it can connect to. Its message
+        // never repeats the URL (which may hold a password).
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(u) {
+            return Err(invalid(
+                "cluster.redis",
+                format!("not a usable Redis URL: {e}"),
+            ));
+        }
+    }
+    if c.prefix.len() > 64 || c.prefix.chars().any(|ch| ch.is_control() || ch == ' ') {
+        return Err(invalid(
+            "cluster.prefix",
+            "at most 64 characters, no spaces or control characters",
+        ));
+    }
+    let timeout = c.timeout.0;
+    if timeout < Duration::from_millis(1) || timeout > Duration::from_secs(10) {
+        return Err(invalid("cluster.timeout", "must be between 1ms and 10s"));
+    }
+    Ok(Some(Cluster {
+        redis: url,
+        prefix: c.prefix.clone(),
+        timeout,
+        on_error: c.on_error,
+    }))
+}
+
 /// `[[issuers]]`: names unique, algorithms from the four SPEC §10 names, HS256 with a `secret`
-/// and the others with a JWKS, the JWKS file read and parsed now.
+/// and the others with a JWKS: the JWKS file read and parsed now, or a `jwks_url` checked (it is
+/// fetched by the running gateway, never here: `portcullis check` stays off the network).
 fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>>, Invalid> {
     let mut out: Vec<Arc<crate::jwt::Issuer>> = Vec::new();
     for (i, r) in raw.issuers.iter().enumerate() {
@@ -119,12 +166,6 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
             return Err(invalid(
                 p("issuer"),
                 "the required `iss` value must not be empty",
-            ));
-        }
-        if r.jwks_url.is_some() || r.jwks_refresh.is_some() {
-            return Err(invalid(
-                p("jwks_url"),
-                "jwks_url is not supported yet; download the JWKS to a file and use jwks_file",
             ));
         }
         let mut algorithms = Vec::new();
@@ -157,21 +198,39 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
             }
             Some(s) => Some(hmac_secret(s, &p("secret"), env)?),
         };
-        let jwks = match (&r.jwks_file, public) {
-            (None, true) => {
+        if r.jwks_url.is_none() {
+            for (key, set) in [
+                ("jwks_refresh", r.jwks_refresh.is_some()),
+                ("jwks_ca_file", r.jwks_ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(p(key), "goes with jwks_url, which is not set"));
+                }
+            }
+        }
+        let jwks = match (&r.jwks_file, &r.jwks_url, public) {
+            (Some(_), Some(_), _) => {
                 return Err(invalid(
-                    p("jwks_file"),
-                    "RS256, ES256 and EdDSA need the issuer's public keys: set jwks_file",
+                    p("jwks_url"),
+                    "set jwks_url or jwks_file, not both",
                 ));
             }
-            (Some(_), false) => {
+            (None, None, true) => {
                 return Err(invalid(
                     p("jwks_file"),
-                    "a JWKS is not used for HS256 alone",
+                    "RS256, ES256 and EdDSA need the issuer's public keys: set jwks_url or jwks_file",
                 ));
             }
-            (None, false) => None,
-            (Some(f), true) => {
+            (Some(_), None, false) | (None, Some(_), false) => {
+                let key = if r.jwks_url.is_some() {
+                    "jwks_url"
+                } else {
+                    "jwks_file"
+                };
+                return Err(invalid(p(key), "a JWKS is not used for HS256 alone"));
+            }
+            (None, None, false) | (None, Some(_), true) => None,
+            (Some(f), None, true) => {
                 let path = plain(f, &p("jwks_file"), env)?;
                 Some(
                     std::fs::read_to_string(&path)
@@ -197,12 +256,52 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
         )
         .map_err(|e| invalid(p("jwks_file"), e))?;
         let mut issuer = issuer;
+        if let Some(u) = &r.jwks_url {
+            issuer.remote = jwks_remote(r, u, &p, env)?.map(Arc::new);
+        }
         if let Some(b) = &r.budget {
             issuer.budget = caps(b, &p("budget"))?.into();
         }
         out.push(Arc::new(issuer));
     }
     Ok(out)
+}
+
+/// An issuer's `jwks_url` with its `jwks_refresh` and `jwks_ca_file`, checked; nothing fetched.
+/// `None` for a URL from an unset `${NAME}` in a lenient read (`keys`, `usage`: never fetched).
+fn jwks_remote(
+    r: &super::schema::RawIssuer,
+    url: &str,
+    p: &dyn Fn(&str) -> String,
+    env: &dyn Env,
+) -> Result<Option<crate::jwks::Remote>, Invalid> {
+    use crate::jwks;
+    let url = plain(url, &p("jwks_url"), env)?;
+    if env.lenient() && url.contains(secret::Lenient::PLACEHOLDER) {
+        return Ok(None);
+    }
+    let url = jwks::parse_url(url.trim()).map_err(|m| invalid(p("jwks_url"), m))?;
+    let refresh = r
+        .jwks_refresh
+        .as_ref()
+        .map_or(jwks::DEFAULT_REFRESH, |d| d.0);
+    if !(jwks::MIN_REFRESH..=jwks::MAX_REFRESH).contains(&refresh) {
+        return Err(invalid(p("jwks_refresh"), "must be between 1s and 24h"));
+    }
+    let roots = match &r.jwks_ca_file {
+        None => None,
+        Some(_) if url.scheme_str() != Some("https") => {
+            return Err(invalid(p("jwks_ca_file"), "is for an https:// jwks_url"));
+        }
+        Some(f) => {
+            let path = plain(f, &p("jwks_ca_file"), env)?;
+            let roots = jwks::roots_from_file(&path).map_err(|m| invalid(p("jwks_ca_file"), m))?;
+            Some(Arc::new(roots))
+        }
+    };
+    let settings = jwks::Settings { refresh, roots };
+    let name = r.name.trim().to_owned();
+    Ok(Some(jwks::Remote::new(name, url, settings)))
 }
 
 /// Each route's `issuers`: needed by `auth = "jwt"` and `"key_or_jwt"`, refused elsewhere, and

@@ -38,7 +38,24 @@ pub struct Config {
     pub issuers: Vec<Arc<crate::jwt::Issuer>>,
     /// `[budgets]`: caps for all keys together.
     pub budgets: Arc<[crate::llm::budget::Cap]>,
+    /// `[cluster]`: limits and lockout shared with other instances through Redis.
+    pub cluster: Option<Cluster>,
 }
+
+/// `[cluster]` (SPEC §9). The URL and prefix are read once at startup (a reload that changes
+/// them is refused: it needs a restart); `timeout` and `on_error` follow reloads.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `redis://` or `rediss://`, `${NAME}` resolved; it may hold a password.
+    pub redis: secrecy::SecretString,
+    pub prefix: String,
+    /// The longest one round trip may take before it counts as an error.
+    pub timeout: Duration,
+    pub on_error: OnError,
+}
+
+/// `cluster.on_error`.
+pub use super::schema::RawOnError as OnError;
 
 /// `[usage]`: the ledger, stream-usage injection, reservations and prices.
 #[derive(Debug, Clone)]

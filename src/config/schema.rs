@@ -35,6 +35,37 @@ pub struct RawConfig {
     pub tokens: Option<RawTokens>,
     #[serde(default)]
     pub issuers: Vec<RawIssuer>,
+    pub cluster: Option<RawCluster>,
+}
+
+/// `[cluster]` (SPEC §9): limits, lockout and budgets shared through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    pub redis: String,
+    #[serde(default = "default_cluster_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_cluster_timeout")]
+    pub timeout: ConfDuration,
+    #[serde(default)]
+    pub on_error: RawOnError,
+}
+
+fn default_cluster_prefix() -> String {
+    "portcullis:".to_owned()
+}
+
+fn default_cluster_timeout() -> ConfDuration {
+    ConfDuration(std::time::Duration::from_millis(50))
+}
+
+/// `cluster.on_error`: what a request gets while Redis cannot answer.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOnError {
+    #[default]
+    Local,
+    Deny,
 }
 
 /// `[tokens]` (SPEC §10): short-lived tokens minted at `POST /.portcullis/token`.
@@ -328,6 +359,7 @@ pub struct RawIssuer {
     pub jwks_file: Option<String>,
     pub jwks_url: Option<String>,
     pub jwks_refresh: Option<ConfDuration>,
+    pub jwks_ca_file: Option<String>,
     pub secret: Option<String>,
     #[serde(default = "default_leeway")]
     pub leeway: ConfDuration,

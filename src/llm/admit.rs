@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::budget::{Amount, Applies, Book, Reservation};
+use super::budget::{Amount, Applies, Book, Refusal, Reservation};
 use super::meter::Meter;
 use super::request::{self, ModelPattern};
 use crate::error::GatewayError;
@@ -61,7 +61,11 @@ impl Admission<'_> {
 
     /// A WebSocket handshake (a realtime session): its model is the `model` query parameter; it
     /// reserves `default_completion_reservation`.
-    pub fn handshake(&self, meter: &mut Meter, query: Option<&str>) -> Result<(), GatewayError> {
+    pub async fn handshake(
+        &self,
+        meter: &mut Meter,
+        query: Option<&str>,
+    ) -> Result<(), GatewayError> {
         meter.model = request::model_from_query(query)?;
         if let Some(allowed) = self.allowed()
             && !meter
@@ -77,22 +81,22 @@ impl Admission<'_> {
             Some(self.default_completion()),
             1,
         );
-        self.reserve(meter, own)?;
+        self.reserve(meter, own).await?;
         meter.admitted = true;
         Ok(())
     }
 
     /// A request without a body (a GET of the model list): nothing to read, nothing reserved;
     /// still refused once a cap is spent.
-    pub fn bodiless(&self, meter: &mut Meter) -> Result<(), GatewayError> {
-        self.reserve(meter, Amount::default())?;
+    pub async fn bodiless(&self, meter: &mut Meter) -> Result<(), GatewayError> {
+        self.reserve(meter, Amount::default()).await?;
         meter.admitted = true;
         Ok(())
     }
 
     /// A request with a body, read once: returns the body to forward (with
     /// `stream_options.include_usage` added where `inject_stream_usage` asks for it).
-    pub fn body(&self, meter: &mut Meter, bytes: Bytes) -> Result<Bytes, GatewayError> {
+    pub async fn body(&self, meter: &mut Meter, bytes: Bytes) -> Result<Bytes, GatewayError> {
         let Some(parsed) = request::parse(&bytes) else {
             if self.allowed().is_some() || self.budgeted() {
                 return Err(GatewayError::BadRequest);
@@ -114,7 +118,7 @@ impl Admission<'_> {
             ins.completion_limit,
             ins.choices,
         );
-        self.reserve(meter, own)?;
+        self.reserve(meter, own).await?;
         meter.admitted = true;
         let inject = !self.anthropic
             && self
@@ -156,8 +160,9 @@ impl Admission<'_> {
     }
 
     /// Admits a request that would reserve `own` against its key's and the gateway's caps (with
-    /// budgets configured), or refuses it with 429 `budget_exceeded`.
-    fn reserve(&self, meter: &mut Meter, own: Amount) -> Result<(), GatewayError> {
+    /// budgets configured), or refuses it with 429 `budget_exceeded` (503 `overloaded` when
+    /// budgets are shared, Redis does not answer and `cluster.on_error = "deny"`).
+    async fn reserve(&self, meter: &mut Meter, own: Amount) -> Result<(), GatewayError> {
         let Some(book) = self.book else {
             return Ok(());
         };
@@ -182,8 +187,12 @@ impl Admission<'_> {
             gateway_caps: cfg.budgets.clone(),
         };
         let reservation: Reservation = book
-            .admit(applies, own, crate::clock::now_secs())
-            .map_err(|retry_after| GatewayError::BudgetExceeded { retry_after })?;
+            .reserve(applies, own, crate::clock::now_secs())
+            .await
+            .map_err(|r| match r {
+            Refusal::Spent(retry_after) => GatewayError::BudgetExceeded { retry_after },
+            Refusal::Unavailable => GatewayError::Overloaded,
+        })?;
         meter.reservation = Some(reservation);
         Ok(())
     }

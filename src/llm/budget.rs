@@ -212,6 +212,86 @@ pub struct Book {
     accounts: Mutex<HashMap<Scope, Account>>,
     /// User accounts in `accounts` (changed under its lock), against [`MAX_USER_ACCOUNTS`].
     users: AtomicUsize,
+    /// With `[cluster]`: spend and reservations kept in Redis, the source of truth while it
+    /// answers. This book then holds this instance's own share, which `on_error = "local"`
+    /// decides with while Redis does not answer.
+    shared: std::sync::OnceLock<SharedBudgets>,
+}
+
+/// Where shared budgets are decided, and where the `budget` events of a charge settled in
+/// Redis are written (they are known only once Redis answers).
+struct SharedBudgets {
+    store: Arc<dyn SharedStore>,
+    audit: crate::audit::Audit,
+}
+
+/// A future that a [`SharedStore`] answers with.
+pub type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Budgets kept with other instances (`[cluster]`: Redis, through `gate`): one call reserves,
+/// one settles. Behind a trait so that this module does not know where they are kept.
+pub trait SharedStore: Send + Sync {
+    /// Reserves `own` (tokens, USD) in every scope if every cap allows it: `None` when admitted,
+    /// else the latest end (unix seconds) of the caps that refused.
+    fn reserve<'a>(
+        &'a self,
+        scopes: &'a [BudgetScope],
+        periods: &'a Periods,
+        own: (f64, f64),
+        member: &'a str,
+        hold: Duration,
+    ) -> Pending<'a, Answered<Option<i64>>>;
+
+    /// Adds `charged` (tokens, USD) to every scope's spend, releasing the reservation `member`
+    /// (`None`: keep holding it); answers what is now spent of each cap, scope by scope.
+    fn settle<'a>(
+        &'a self,
+        scopes: &'a [BudgetScope],
+        periods: &'a Periods,
+        charged: (f64, f64),
+        member: Option<&'a str>,
+    ) -> Pending<'a, Answered<Vec<f64>>>;
+}
+
+/// What a [`SharedStore`] answered, or what to do without an answer (`cluster.on_error`).
+pub enum Answered<T> {
+    Answer(T),
+    /// Decide with this book.
+    Local,
+    /// Refuse (503 `overloaded`).
+    Deny,
+}
+
+/// One scope of a budget (a key, a key's user, the gateway): its name in Redis and its caps.
+pub struct BudgetScope {
+    /// `*` for the gateway, `k:<key id or identity>`, `u:<key id>:<user>`.
+    pub name: String,
+    pub caps: Vec<BudgetCap>,
+}
+
+/// One cap, with its current period (from the instance's clock, in UTC).
+pub struct BudgetCap {
+    /// 0 day, 1 week, 2 month.
+    pub period: usize,
+    pub tokens: bool,
+    pub limit: f64,
+}
+
+/// The current periods' `(start, end)` in unix seconds: day, week, month.
+pub type Periods = [(i64, i64); 3];
+
+/// How long Redis holds a reservation: an instance that dies with requests in flight holds
+/// their reservations no longer than this. A realtime session longer than this keeps being
+/// charged, but its reservation no longer counts against other requests.
+const HOLD: Duration = Duration::from_secs(3600);
+
+/// Why a request was not admitted.
+#[derive(Debug, PartialEq)]
+pub enum Refusal {
+    /// A cap is spent: until the latest of the spent caps' periods ends.
+    Spent(Duration),
+    /// Redis did not answer and `cluster.on_error = "deny"`.
+    Unavailable,
 }
 
 /// The caps a request is held to: its key's, its user's (of that key) and the gateway's.
@@ -251,6 +331,16 @@ pub struct Reservation {
     applies: Applies,
     own: Amount,
     settled: bool,
+    /// Held in Redis too (`[cluster]`).
+    hold: Option<Hold>,
+}
+
+/// A reservation's place in Redis.
+struct Hold {
+    /// Its member in each scope's set of reservations: `<id>|<tokens>|<cost>`.
+    member: String,
+    /// A realtime session's: set once a charge settled in Redis found a cap spent.
+    spent_out: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Book {
@@ -350,7 +440,66 @@ impl Book {
             applies,
             own,
             settled: false,
+            hold: None,
         })
+    }
+
+    /// With `[cluster]`: budgets are decided in Redis from now on; `budget` events of charges
+    /// settled there go to `audit`.
+    pub fn share(&self, store: Arc<dyn SharedStore>, audit: crate::audit::Audit) {
+        let _ = self.shared.set(SharedBudgets { store, audit });
+    }
+
+    /// [`Book::admit`], in Redis where budgets are shared: one round trip holds the
+    /// reservation in every scope that applies, atomically across instances. While Redis does
+    /// not answer, `cluster.on_error` decides (this book, or a refusal).
+    pub async fn reserve(
+        self: &Arc<Self>,
+        applies: Applies,
+        own: Amount,
+        now: i64,
+    ) -> Result<Reservation, Refusal> {
+        let Some(sh) = self.shared.get() else {
+            return self.admit(applies, own, now).map_err(Refusal::Spent);
+        };
+        let scopes = redis_scopes(&applies);
+        let periods = current_periods(now);
+        let member = format!("{}|{}|{}", ulid::Ulid::new(), own.tokens, own.cost);
+        let asked = sh
+            .store
+            .reserve(&scopes, &periods, (own.tokens, own.cost), &member, HOLD)
+            .await;
+        match asked {
+            Answered::Answer(None) => {
+                // Held in Redis; this book holds it too (without its own check: it knows only
+                // this instance's share), for `on_error = "local"` during a later outage.
+                let mut acc = self.lock();
+                for (scope, _) in applies.scopes() {
+                    if scope.user.is_some() && !acc.contains_key(&scope) {
+                        self.users.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let a = acc.entry(scope).or_default();
+                    a.roll(now);
+                    a.reserved.add(own);
+                }
+                drop(acc);
+                Ok(Reservation {
+                    book: self.clone(),
+                    applies,
+                    own,
+                    settled: false,
+                    hold: Some(Hold {
+                        member,
+                        spent_out: Arc::default(),
+                    }),
+                })
+            }
+            Answered::Answer(Some(end)) => Err(Refusal::Spent(Duration::from_secs(
+                (end - now).max(1) as u64,
+            ))),
+            Answered::Local => self.admit(applies, own, now).map_err(Refusal::Spent),
+            Answered::Deny => Err(Refusal::Unavailable),
+        }
     }
 
     /// Sets `portcullis_budget_remaining` for each of `scope`'s caps (startup, reload).
@@ -392,14 +541,81 @@ impl Reservation {
     /// the caps whose spend this charge carried across 80 % or 100 % (both, if it crossed both).
     pub fn settle(mut self, charged: Amount, now: i64) -> Vec<BudgetEvent> {
         self.settled = true;
-        self.add(charged, now, true).0
+        let events = self.add(charged, now, true).0;
+        match &self.hold {
+            None => events,
+            Some(h) => {
+                // Redis says what is spent, and so which lines this charge crossed.
+                self.settle_shared(charged, now, Some(h.member.clone()));
+                Vec::new()
+            }
+        }
     }
 
     /// Charges `charged` on top of what the reservation holds, which stays held: one response of
     /// a realtime session (SPEC §8), charged when it is seen. Returns the `budget` events, and
     /// whether one of the caps is now spent (the session is to be closed).
     pub fn charge(&self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, bool) {
-        self.add(charged, now, false)
+        let local = self.add(charged, now, false);
+        match &self.hold {
+            None => local,
+            Some(h) => {
+                // In Redis, a charge is known spent once it has settled there: a session is
+                // closed at the first response after the one that spent the cap.
+                self.settle_shared(charged, now, None);
+                (Vec::new(), h.spent_out.load(Ordering::Relaxed))
+            }
+        }
+    }
+
+    /// Settles `charged` in Redis, off the request's path (a task on this worker's runtime):
+    /// writes the `budget` events of the lines it crossed and sets the remaining-budget gauges.
+    /// `member`: the reservation to release (`None`: keep holding it). If Redis does not answer,
+    /// the charge stays in this instance's book only (counted in
+    /// `portcullis_cluster_errors_total{op="settle"}`).
+    fn settle_shared(&self, charged: Amount, now: i64, member: Option<String>) {
+        let (Some(sh), Some(hold)) = (self.book.shared.get(), &self.hold) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            crate::metrics::cluster_error("settle");
+            return;
+        };
+        let store = sh.store.clone();
+        let audit = sh.audit.clone();
+        let applies = self.applies.clone();
+        let spent_out = hold.spent_out.clone();
+        rt.spawn(async move {
+            let scopes = redis_scopes(&applies);
+            let periods = current_periods(now);
+            let asked = store
+                .settle(
+                    &scopes,
+                    &periods,
+                    (charged.tokens, charged.cost),
+                    member.as_deref(),
+                )
+                .await;
+            let Answered::Answer(spent) = asked else {
+                return;
+            };
+            let mut spent = spent.into_iter();
+            for (scope, caps) in applies.scopes() {
+                for cap in caps {
+                    let is = spent.next().unwrap_or(0.0);
+                    let was = is - charged.get(cap.unit);
+                    if is >= cap.limit {
+                        spent_out.store(true, Ordering::Relaxed);
+                    }
+                    for e in crossings(&scope, cap, was, is) {
+                        audit.emit(&e);
+                    }
+                    if scope.user.is_none() {
+                        publish(&scope, cap, is);
+                    }
+                }
+            }
+        });
     }
 
     fn add(&self, charged: Amount, now: i64, release: bool) -> (Vec<BudgetEvent>, bool) {
@@ -420,25 +636,7 @@ impl Reservation {
                 let was = before[cap.period.index()].get(cap.unit);
                 let is = a.spent[cap.period.index()].get(cap.unit);
                 spent_out |= is >= cap.limit;
-                for threshold in [80u8, 100] {
-                    let line = cap.limit * f64::from(threshold) / 100.0;
-                    if was < line && is >= line {
-                        events.push(BudgetEvent {
-                            ts: crate::clock::now_rfc3339(),
-                            event: "budget",
-                            key_id: scope.key.as_deref().map(str::to_owned),
-                            user: scope.user.as_deref().map(str::to_owned),
-                            period: cap.period.name(),
-                            unit: cap.unit.name(),
-                            spent: match cap.unit {
-                                Unit::Cost => round_usd(is),
-                                Unit::Tokens => is,
-                            },
-                            limit: cap.limit,
-                            threshold,
-                        });
-                    }
-                }
+                events.extend(crossings(&scope, cap, was, is));
                 // Set under the lock, so the gauge follows the order of the charges. Users are
                 // never a metrics label (their number is the clients' to choose).
                 if scope.user.is_none() {
@@ -448,6 +646,60 @@ impl Reservation {
         }
         (events, spent_out)
     }
+}
+
+/// The `budget` events of a charge that took `cap`'s spend from `was` to `is`: one per line
+/// (80 %, 100 %) it crossed.
+fn crossings(scope: &Scope, cap: &Cap, was: f64, is: f64) -> Vec<BudgetEvent> {
+    let mut events = Vec::new();
+    for threshold in [80u8, 100] {
+        let line = cap.limit * f64::from(threshold) / 100.0;
+        if was < line && is >= line {
+            events.push(BudgetEvent {
+                ts: crate::clock::now_rfc3339(),
+                event: "budget",
+                key_id: scope.key.as_deref().map(str::to_owned),
+                user: scope.user.as_deref().map(str::to_owned),
+                period: cap.period.name(),
+                unit: cap.unit.name(),
+                spent: match cap.unit {
+                    Unit::Cost => round_usd(is),
+                    Unit::Tokens => is,
+                },
+                limit: cap.limit,
+                threshold,
+            });
+        }
+    }
+    events
+}
+
+/// A request's scopes as Redis names them: `*` (the gateway), `k:<key id or identity>`,
+/// `u:<key id>:<user>` (key ids have no `:`), each with its caps.
+fn redis_scopes(applies: &Applies) -> Vec<BudgetScope> {
+    applies
+        .scopes()
+        .map(|(scope, caps)| BudgetScope {
+            name: match (&scope.key, &scope.user) {
+                (None, _) => "*".to_owned(),
+                (Some(k), None) => format!("k:{k}"),
+                (Some(k), Some(u)) => format!("u:{k}:{u}"),
+            },
+            caps: caps
+                .iter()
+                .map(|c| BudgetCap {
+                    period: c.period.index(),
+                    tokens: c.unit == Unit::Tokens,
+                    limit: c.limit,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The current day, week and month (UTC) as `(start, end)` unix seconds.
+fn current_periods(now: i64) -> Periods {
+    PERIODS.map(|p| p.bounds(now))
 }
 
 /// Sets `portcullis_budget_remaining` for `cap`, given what is spent of it.
@@ -465,6 +717,14 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if self.settled {
             return;
+        }
+        if let Some(h) = &self.hold {
+            // Released in Redis too: a settle of nothing.
+            self.settle_shared(
+                Amount::default(),
+                crate::clock::now_secs(),
+                Some(h.member.clone()),
+            );
         }
         let mut acc = self.book.lock();
         for (scope, _) in self.applies.scopes() {

@@ -294,17 +294,79 @@ impl GroupBy {
 /// Totals since `since_ms`, grouped `by` key, model or day. Opens the file read-only, so it works
 /// while the gateway writes.
 pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| err(path, e))?;
+    read_totals(path, since_ms, by, &|e| err(path, e))
+}
+
+/// A ledger [`totals_of`] was given again (by the same or another path), and did not count twice.
+pub struct Repeat {
+    /// The name given again.
+    pub given: PathBuf,
+    /// The earlier name of the same file, the one that was read.
+    pub first: PathBuf,
+}
+
+/// The totals of several ledgers (`portcullis usage --database A --database B`, one per
+/// instance) added up: a group's requests, tokens and cost are summed across the files, sorted
+/// as [`totals`] sorts one. Each file is read as [`totals`] reads it (read-only, any schema
+/// version); a file that is missing or not a ledger is an error naming it, never skipped. A file
+/// named twice (the same canonical path) is read once, and returned in the second list so that
+/// the caller can say so.
+pub fn totals_of(
+    paths: &[PathBuf],
+    since_ms: i64,
+    by: GroupBy,
+) -> Result<(Vec<Total>, Vec<Repeat>), String> {
+    let flag_err =
+        |path: &Path, e: &dyn std::fmt::Display| format!("--database {}: {e}", path.display());
+    let mut seen: Vec<(PathBuf, &PathBuf)> = Vec::new();
+    let mut repeated = Vec::new();
+    let mut sums: std::collections::BTreeMap<String, Total> = std::collections::BTreeMap::new();
+    for path in paths {
+        let canonical = std::fs::canonicalize(path).map_err(|e| flag_err(path, &e))?;
+        if let Some((_, first)) = seen.iter().find(|(c, _)| *c == canonical) {
+            repeated.push(Repeat {
+                given: path.clone(),
+                first: (*first).clone(),
+            });
+            continue;
+        }
+        seen.push((canonical, path));
+        for t in read_totals(path, since_ms, by, &|e| flag_err(path, &e))? {
+            let sum = sums.entry(t.group.clone()).or_insert(Total {
+                group: t.group,
+                requests: 0,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                cost_usd: 0.0,
+            });
+            sum.requests += t.requests;
+            sum.prompt_tokens += t.prompt_tokens;
+            sum.completion_tokens += t.completion_tokens;
+            sum.cost_usd = super::budget::round_usd(sum.cost_usd + t.cost_usd);
+        }
+    }
+    // A BTreeMap orders its strings by bytes, as SQLite's `ORDER BY` does with its default
+    // (BINARY) collation.
+    Ok((sums.into_values().collect(), repeated))
+}
+
+fn read_totals(
+    path: &Path,
+    since_ms: i64,
+    by: GroupBy,
+    err: &dyn Fn(&dyn std::fmt::Display) -> String,
+) -> Result<Vec<Total>, String> {
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| err(&e))?;
     let app: i64 = conn
         .query_row("PRAGMA application_id", [], |r| r.get(0))
-        .map_err(|e| err(path, e))?;
+        .map_err(|e| err(&e))?;
     if app != APPLICATION_ID {
-        return Err(err(path, "is not a portcullis usage ledger"));
+        return Err(err(&"is not a portcullis usage ledger"));
     }
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| err(path, e))?;
+        .map_err(|e| err(&e))?;
     // A file the gateway has not upgraded yet (read-only here) has no users.
     let group = if by == GroupBy::User && version < 3 {
         "'-'"
@@ -315,7 +377,7 @@ pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, Str
         "SELECT {group} AS g, count(*), COALESCE(sum(prompt_tokens), 0), COALESCE(sum(completion_tokens), 0),
          COALESCE(sum(cost_usd), 0.0) FROM usage WHERE ts_ms >= ?1 GROUP BY g ORDER BY g"
     );
-    let mut stmt = conn.prepare(&sql).map_err(|e| err(path, e))?;
+    let mut stmt = conn.prepare(&sql).map_err(|e| err(&e))?;
     let rows = stmt
         .query_map(params![since_ms], |r| {
             Ok(Total {
@@ -326,9 +388,8 @@ pub fn totals(path: &Path, since_ms: i64, by: GroupBy) -> Result<Vec<Total>, Str
                 cost_usd: super::budget::round_usd(r.get(4)?),
             })
         })
-        .map_err(|e| err(path, e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err(path, e))
+        .map_err(|e| err(&e))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
 }
 
 /// The spend of the current UTC day, week and month per key (`None`: requests without a key) and

@@ -48,7 +48,6 @@ use crate::conn::Active;
 pub use crate::conn::ConnInfo;
 use crate::error::GatewayError;
 use crate::live::Live;
-use crate::lockout::Lockout;
 use crate::proxy::Forwarder;
 use crate::proxy::body::ResponseBody;
 use crate::rate_limit::{Allowed, Registry};
@@ -62,7 +61,8 @@ pub struct Shared {
     pub budgets: Option<Arc<crate::llm::budget::Book>>,
     /// Rate-limit and lockout state outlive any one config (SPEC §6: kept across reloads).
     pub limiters: Registry,
-    pub lockout: Lockout,
+    /// Where lockout and limit checks are decided: this instance's state, or Redis.
+    pub gate: Arc<crate::gate::Gate>,
     pub forwarder: Forwarder,
     pub audit: Audit,
     /// WebSocket tunnels outlive their connection's HTTP state; shutdown waits for them here.
@@ -201,17 +201,28 @@ async fn process(
     // Step 4: the request target, the normalized path, the route.
     let routed = steps::route(live, ctx, &req)?;
     let route = routed.route;
-    // Step 5: IP lists, lockout, the route's per-IP limit (before the key: a keyless flood is
-    // limited too).
-    let who = steps::admit_client(shared, live, ctx, route)?;
+    // Step 5: the IP lists (the config's own, no shared state).
+    target::check_ip_lists(route, ctx.client_ip)?;
+    // Steps 5-8 ask shared state (lockout, the per-IP limit, a failure counted, the per-key
+    // limit) in one call: with `[cluster]`, one Redis round trip. Step 7's credential is looked
+    // up first for it; nothing it found counts until the checks let the request that far.
+    let who = client_ip::limit_key(ctx.client_ip);
+    let cred = steps::identify(live, ctx, route, routed.preflight, &req);
+    let mut verdict = shared
+        .gate
+        .admit(&steps::checks(live, ctx, route, who, &cred))
+        .await
+        .map_err(|_| GatewayError::Overloaded)?;
+    // Step 5: lockout, the route's per-IP limit (before the key: a keyless flood is limited too).
+    steps::admit_client(live, ctx, route, &verdict)?;
     // Step 6: CORS; a preflight is answered here.
     if let Some(preflight) = steps::cors(live, ctx, &req, routed.preflight)? {
         return Ok((preflight, None));
     }
-    // Step 7: the API key, its scope and expiry.
-    let key_index = steps::authenticate(shared, live, ctx, route, who, &req)?;
+    // Step 7: the API key, its scope and expiry (or a JWT).
+    let key_index = steps::authenticate(shared, live, ctx, route, who, cred, &mut verdict).await?;
     // Step 8: the per-key limit.
-    steps::limit_key(live, ctx, route, key_index)?;
+    steps::limit_key(live, ctx, route, key_index, &verdict)?;
     // The route `[tokens]` adds: answered here (SPEC §10), nothing forwarded.
     if route.mint {
         return mint::answer(live, ctx, key_index, req).await;

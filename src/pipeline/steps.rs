@@ -1,25 +1,23 @@
 //! Steps 4–8 of the pipeline (SPEC §3), one function each, in the order `process` calls them.
 
 use std::net::IpAddr;
-use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 
-use super::target::{check_ip_lists, check_target};
+use super::target::check_target;
 use super::{Ctx, Shared};
 use crate::auth;
-use crate::client_ip;
 use crate::config::runtime::{AuthMode, Route};
 use crate::conn::ConnInfo;
 use crate::cors::{self, Verdict};
 use crate::error::GatewayError;
+use crate::gate::{self, checks::Checks};
 use crate::live::Live;
-use crate::lockout;
 use crate::path;
 use crate::proxy::body::ResponseBody;
-use crate::rate_limit::{Allowed, Subject};
+use crate::rate_limit::Allowed;
 use crate::route::{self, Match};
 
 /// What step 4 found.
@@ -78,27 +76,135 @@ pub(super) fn route<'l>(
     }
 }
 
-/// Step 5: IP allow/deny (deny wins), lockout, then the route's per-IP limit — before the key
-/// check, as nginx limits in its preaccess phase: a flood without a key is limited too, instead
-/// of costing a key lookup and an audit line each (CORS preflights count). Returns the client's
-/// limit identity (IPv6 by /64).
+/// Step 7's lookup of the credential, made before step 5's shared checks so that one call
+/// (with `[cluster]`, one Redis round trip) decides lockout, the per-IP limit, counting a
+/// failure and the per-key limit together. It records nothing: what it found counts only once
+/// those checks have let the request that far.
+pub(super) enum Credential<'r> {
+    /// The route asks for none, or the request ends before step 7 (a preflight, a foreign
+    /// Origin).
+    NotAsked,
+    /// A valid key, and its user (`user_header`) if it names one.
+    Key { index: usize, user: Option<&'r str> },
+    /// A valid key with an unusable `user_header` value (400).
+    BadUser { index: usize, err: GatewayError },
+    /// Refused: `known` the key named, if any; `counts` towards lockout.
+    Refused {
+        err: GatewayError,
+        known: Option<usize>,
+        counts: bool,
+    },
+    /// A JWT of one of the route's issuers: verified after step 5's checks (a signature costs
+    /// more than a key lookup, so a locked-out or limited client does not get one checked).
+    Jwt(&'r str),
+}
+
+/// Looks up the credential step 7 will judge (see [`Credential`]).
+pub(super) fn identify<'r>(
+    live: &Live,
+    ctx: &Ctx,
+    route: &Route,
+    preflight: bool,
+    req: &'r Request<Incoming>,
+) -> Credential<'r> {
+    if route.auth == AuthMode::None || preflight || matches!(ctx.cors, Verdict::Refused) {
+        return Credential::NotAsked;
+    }
+    let cfg = &live.config;
+    let presented = auth::extract_with(
+        req.headers(),
+        req.uri().query(),
+        &cfg.auth.headers,
+        route.query_param.as_deref(),
+    );
+    // SPEC §10: a JWT of one of the route's issuers (on `key_or_jwt` routes, a credential shaped
+    // like one); its identity stands where a key's id would.
+    match (route.auth, &presented) {
+        (AuthMode::Jwt, auth::Presented::One(t)) => return Credential::Jwt(t),
+        (AuthMode::KeyOrJwt, auth::Presented::One(t)) if crate::jwt::looks_like_jwt(t) => {
+            return Credential::Jwt(t);
+        }
+        (AuthMode::Jwt, _) => {
+            // Nothing, or something that is not one credential.
+            let err = match presented {
+                auth::Presented::None => GatewayError::MissingApiKey,
+                _ => GatewayError::InvalidToken,
+            };
+            return Credential::Refused {
+                err,
+                known: None,
+                counts: false,
+            };
+        }
+        _ => {}
+    }
+    match live.keys.check(
+        &cfg.keys,
+        presented,
+        route,
+        cfg.tokens.as_ref(),
+        std::time::SystemTime::now(),
+    ) {
+        Ok(a) => match &cfg.keys[a.index].user_header {
+            None => Credential::Key {
+                index: a.index,
+                user: None,
+            },
+            Some(h) => match auth::user_name(req.headers(), h) {
+                Ok(user) => Credential::Key {
+                    index: a.index,
+                    user,
+                },
+                Err(err) => Credential::BadUser {
+                    index: a.index,
+                    err,
+                },
+            },
+        },
+        Err((err, known, counts)) => Credential::Refused { err, known, counts },
+    }
+}
+
+/// The shared-state checks of steps 5–8 for a request whose credential is `cred`.
+pub(super) fn checks<'a>(
+    live: &'a Live,
+    ctx: &'a Ctx,
+    route: &Route,
+    who: IpAddr,
+    cred: &Credential<'_>,
+) -> Checks<'a> {
+    Checks {
+        who,
+        lockout: true,
+        ip: live.route_ip[route.index].as_deref(),
+        failure: matches!(cred, Credential::Refused { counts: true, .. })
+            .then_some(&live.config.auth),
+        key: match cred {
+            Credential::Key { index, .. } => live
+                .per_key_limiter(*index, route.index)
+                .map(|l| (&**l, &live.key_ids[*index])),
+            _ => None,
+        },
+        request_id: ctx.request_id.to_str().unwrap_or(""),
+    }
+}
+
+/// Step 5, as the checks found it: lockout, then the route's per-IP limit — before the key, as
+/// nginx limits in its preaccess phase: a flood without a key is limited too (CORS preflights
+/// count).
 pub(super) fn admit_client(
-    shared: &Shared,
     live: &Live,
     ctx: &mut Ctx,
     route: &Route,
-) -> Result<IpAddr, GatewayError> {
-    check_ip_lists(route, ctx.client_ip)?;
-    let who = client_ip::limit_key(ctx.client_ip);
-    shared
-        .lockout
-        .check(who, Instant::now())
-        .map_err(|left| GatewayError::LockedOut { retry_after: left })?;
-    if let Some(l) = &live.route_ip[route.index] {
-        limit(ctx, l, &Subject::Ip(who))
-            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
+    verdict: &gate::checks::Verdict,
+) -> Result<(), GatewayError> {
+    if let Some(left) = verdict.locked {
+        return Err(GatewayError::LockedOut { retry_after: left });
     }
-    Ok(who)
+    if let (Some(l), Some(r)) = (&live.route_ip[route.index], verdict.ip) {
+        limit(ctx, l, r).inspect_err(|_| crate::metrics::rate_limited(&route.name, "ip"))?;
+    }
+    Ok(())
 }
 
 /// Step 6: CORS, checked against the Host the browser used, so same-origin always passes. A
@@ -139,113 +245,109 @@ pub(super) fn cors_verdict(live: &Live, conn: ConnInfo, req: &Request<Incoming>)
     )
 }
 
-/// Step 7: the API key on routes that ask for one, then its scope and expiry. Invalid and
-/// expired keys count towards the client's lockout. Returns the key's index in the config.
-pub(super) fn authenticate(
+/// Step 7: the credential's verdict (a key, then its scope and expiry; or a JWT). Invalid and
+/// expired ones counted towards the client's lockout in the checks. Returns the key's index in
+/// the config. A JWT is verified here, and its failure or its subject's limit is a second call
+/// to the gate (`verdict.key` then holds the subject's limit).
+pub(super) async fn authenticate(
     shared: &Shared,
     live: &Live,
     ctx: &mut Ctx,
     route: &Route,
     who: IpAddr,
-    req: &Request<Incoming>,
+    cred: Credential<'_>,
+    verdict: &mut gate::checks::Verdict,
 ) -> Result<Option<usize>, GatewayError> {
-    if route.auth == AuthMode::None {
-        return Ok(None);
-    }
     let cfg = &live.config;
-    let presented = auth::extract_with(
-        req.headers(),
-        req.uri().query(),
-        &cfg.auth.headers,
-        route.query_param.as_deref(),
-    );
-    // SPEC §10: a JWT of one of the route's issuers (on `key_or_jwt` routes, a credential shaped
-    // like one); its identity stands where a key's id would.
-    let jwt = match (route.auth, &presented) {
-        (AuthMode::Jwt, auth::Presented::One(t)) => Some(*t),
-        (AuthMode::KeyOrJwt, auth::Presented::One(t)) if crate::jwt::looks_like_jwt(t) => Some(*t),
-        _ => None,
-    };
-    if let Some(token) = jwt {
-        let issuers = route.issuers.iter().map(|i| &*cfg.issuers[*i]);
-        return match crate::jwt::verify(issuers, token) {
-            Some((issuer, identity)) => {
-                ctx.record.set_subject(&identity, &issuer.name);
-                Ok(None)
-            }
-            None => {
-                crate::metrics::auth_failure(GatewayError::InvalidToken.code());
-                if let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
-                    emit_lockout(shared, ctx.client_ip, lock);
-                }
-                Err(GatewayError::InvalidToken)
-            }
-        };
-    }
-    if route.auth == AuthMode::Jwt {
-        // Nothing, or something that is not one credential.
-        let err = match presented {
-            auth::Presented::None => GatewayError::MissingApiKey,
-            _ => GatewayError::InvalidToken,
-        };
-        crate::metrics::auth_failure(err.code());
-        return Err(err);
-    }
-    match live.keys.check(
-        &cfg.keys,
-        presented,
-        route,
-        cfg.tokens.as_ref(),
-        std::time::SystemTime::now(),
-    ) {
-        Ok(a) => {
-            let key = &cfg.keys[a.index];
-            ctx.record.set_key(&key.id);
-            if let Some(h) = &key.user_header
-                && let Some(user) = auth::user_name(req.headers(), h)?
-            {
+    match cred {
+        Credential::NotAsked => Ok(None),
+        Credential::Key { index, user } => {
+            ctx.record.set_key(&cfg.keys[index].id);
+            if let Some(user) = user {
                 ctx.record.set_user(user);
             }
-            Ok(Some(a.index))
+            Ok(Some(index))
         }
-        Err((err, known, counts)) => {
+        Credential::BadUser { index, err } => {
+            ctx.record.set_key(&cfg.keys[index].id);
+            Err(err)
+        }
+        Credential::Refused { err, known, .. } => {
             if let Some(i) = known {
                 ctx.record.set_key(&cfg.keys[i].id);
             }
             crate::metrics::auth_failure(err.code());
-            if counts && let Some(lock) = shared.lockout.fail(who, Instant::now(), &cfg.auth) {
+            if let Some(lock) = verdict.lockout_started {
                 emit_lockout(shared, ctx.client_ip, lock);
             }
             Err(err)
         }
+        Credential::Jwt(token) => {
+            let issuers = route.issuers.iter().map(|i| &*cfg.issuers[*i]);
+            let mut checks = Checks {
+                who,
+                lockout: false,
+                ip: None,
+                failure: None,
+                key: None,
+                request_id: ctx.request_id.to_str().unwrap_or(""),
+            };
+            let Some((issuer, identity)) = crate::jwt::verify(issuers, token) else {
+                crate::metrics::auth_failure(GatewayError::InvalidToken.code());
+                checks.failure = Some(&cfg.auth);
+                let v = shared
+                    .gate
+                    .admit(&checks)
+                    .await
+                    .map_err(|_| GatewayError::Overloaded)?;
+                if let Some(lock) = v.lockout_started {
+                    emit_lockout(shared, ctx.client_ip, lock);
+                }
+                return Err(GatewayError::InvalidToken);
+            };
+            // A JWT subject is limited like a key, by its identity `<issuer>:<sub>`.
+            let subject: std::sync::Arc<str> = std::sync::Arc::from(identity.as_str());
+            if let Some(l) = live.per_subject_limiter(route.index) {
+                checks.key = Some((l, &subject));
+                let v = shared
+                    .gate
+                    .admit(&checks)
+                    .await
+                    .map_err(|_| GatewayError::Overloaded)?;
+                verdict.key = v.key;
+            }
+            ctx.record.set_subject(&identity, &issuer.name);
+            Ok(None)
+        }
     }
 }
 
-/// Step 8: the per-key limit (the key's own, else the route's, else the default).
+/// Step 8: the per-key limit (the key's own, else the route's, else the default; for a JWT
+/// subject, the route's or the default), as the checks found it.
 pub(super) fn limit_key(
     live: &Live,
     ctx: &mut Ctx,
     route: &Route,
     key_index: Option<usize>,
+    verdict: &gate::checks::Verdict,
 ) -> Result<(), GatewayError> {
-    if let Some(k) = key_index
-        && let Some(l) = live.per_key_limiter(k, route.index)
-    {
-        limit(ctx, l, &Subject::Key(live.key_ids[k].clone()))
-            .inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
-    } else if let Some((subject, _)) = ctx.record.subject_with_issuer()
-        && let Some(l) = live.per_subject_limiter(route.index)
-    {
-        // A JWT subject: limited like a key, by its identity `<issuer>:<sub>`.
-        let who = Subject::Key(std::sync::Arc::from(subject));
-        limit(ctx, l, &who).inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
+    let limiter = match key_index {
+        Some(k) => live.per_key_limiter(k, route.index),
+        None => live.per_subject_limiter(route.index),
+    };
+    if let (Some(l), Some(r)) = (limiter, verdict.key) {
+        limit(ctx, l, r).inspect_err(|_| crate::metrics::rate_limited(&route.name, "key"))?;
     }
     Ok(())
 }
 
-/// Applies one limiter; remembers the tightest one for the `RateLimit` headers.
-fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result<(), GatewayError> {
-    match l.check(who) {
+/// Applies one limiter's answer; remembers the tightest one for the `RateLimit` headers.
+fn limit(
+    ctx: &mut Ctx,
+    l: &crate::rate_limit::Limiter,
+    answer: Result<Allowed, std::time::Duration>,
+) -> Result<(), GatewayError> {
+    match answer {
         Ok(a) => {
             // Time until the bucket is full again: one emission interval per used cell.
             let reset = l.window() / l.limit() * (a.limit - a.remaining);
@@ -269,7 +371,7 @@ fn limit(ctx: &mut Ctx, l: &crate::rate_limit::Limiter, who: &Subject) -> Result
     }
 }
 
-fn emit_lockout(shared: &Shared, ip: IpAddr, lock: lockout::LockedOut) {
+fn emit_lockout(shared: &Shared, ip: IpAddr, lock: gate::checks::LockedOut) {
     shared.audit.emit(&crate::audit::Lockout {
         ts: crate::clock::now_rfc3339(),
         event: "lockout",

@@ -54,17 +54,17 @@ pub(super) async fn meter_request(
     };
     let meter = ctx.record.meter.insert(Meter::new(None));
     if route.websocket && headers::is_websocket_upgrade(req.headers()) {
-        admission.handshake(meter, req.uri().query())?;
+        admission.handshake(meter, req.uri().query()).await?;
         return Ok(req.map(ClientBody::Streaming));
     }
     if http_body::Body::is_end_stream(req.body()) {
-        admission.bodiless(meter)?;
+        admission.bodiless(meter).await?;
         return Ok(req.map(ClientBody::Streaming));
     }
     let (mut parts, incoming) = req.into_parts();
     let bytes = read_body(incoming, route, live, ctx).await?;
     let meter = ctx.record.meter.get_or_insert_with(|| Meter::new(None));
-    let body = admission.body(meter, bytes)?;
+    let body = admission.body(meter, bytes).await?;
     // The body is sent whole; its length is the gateway's to state, not the client's.
     parts.headers.remove(header::CONTENT_LENGTH);
     Ok(Request::from_parts(parts, ClientBody::Buffered(body)))

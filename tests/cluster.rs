@@ -1,0 +1,576 @@
+//! Several gateways, one set of limits (SPEC §9): per-IP and per-key limits and lockout shared
+//! through a real redis-server, with two and three gateway processes on loopback; what Redis
+//! going away and coming back does under `on_error = "local"` and `"deny"`; and that Redis
+//! holds nothing without a TTL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+mod support;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const KEY: &str = "pcx_cluster-key-0123456789abcdefghijklmnopqrstu";
+
+/// A gateway config sharing its limits through `redis`; `limits` and `cluster` are added to
+/// their sections. Clients are told apart by `X-Forwarded-For` (loopback is a trusted proxy).
+fn config(up: &Upstream, redis: &str, limits: &str, cluster: &str) -> String {
+    let u = up.url();
+    format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [auth]\nlockout_failures = 3\nlockout_window = \"1m\"\nlockout_duration = \"1m\"\n\
+         [limits]\n{limits}\n\
+         [cluster]\nredis = \"{redis}\"\nprefix = \"pcx-test:\"\n{cluster}\n{}\
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{u}\"\n\
+         [[routes]]\nname = \"open\"\npath = \"/open/\"\nupstream = \"{u}\"\nauth = \"none\"\n",
+        server_section("trusted_proxies = [\"127.0.0.1\"]"),
+        key_block("k", KEY, ""),
+    )
+}
+
+fn from(ip: &str) -> String {
+    format!("X-Forwarded-For: {ip}")
+}
+
+fn bearer(k: &str) -> String {
+    format!("Authorization: Bearer {k}")
+}
+
+/// Every key the gateways wrote into Redis carries a TTL (none would stay forever).
+fn assert_all_keys_expire(redis: &Redis) {
+    let keys = redis.keys();
+    assert!(!keys.is_empty(), "the gateways wrote nothing to Redis");
+    for k in &keys {
+        assert!(k.starts_with("pcx-test:"), "key outside the prefix: {k}");
+        let ttl = redis.pttl(k);
+        assert!(ttl > 0, "{k} has no TTL ({ttl})");
+    }
+}
+
+#[tokio::test]
+async fn a_per_ip_limit_holds_across_three_instances() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = config(
+        &up,
+        &redis.url(),
+        "per_ip = \"10/min\"\nper_key = \"off\"",
+        "",
+    );
+    let gws = [
+        Gateway::start(&cfg).await,
+        Gateway::start(&cfg).await,
+        Gateway::start(&cfg).await,
+    ];
+    let client = from("198.51.100.10");
+    let mut passed = 0;
+    let mut remaining = Vec::new();
+    for i in 0..30 {
+        let gw = &gws[i % 3];
+        let (s, r) = send(gw.addr, "GET", "/open/x", &[&client]).await;
+        match s {
+            200 => {
+                passed += 1;
+                let state = header_of(&r, "ratelimit").unwrap();
+                let left = state.split(", ").find_map(|p| p.strip_prefix("remaining="));
+                remaining.push(left.unwrap().to_owned());
+            }
+            429 => {
+                assert_eq!(code_of(&r), "rate_limited", "{r}");
+                let retry: u64 = header_of(&r, "retry-after").unwrap().parse().unwrap();
+                assert!((1..=6).contains(&retry), "Retry-After {retry}");
+            }
+            other => panic!("unexpected {other}: {r}"),
+        }
+    }
+    // 10/min across all three, not 10 each.
+    assert_eq!(passed, 10);
+    // One bucket, counted down across the instances.
+    let expected: Vec<String> = (0..10).rev().map(|n| n.to_string()).collect();
+    assert_eq!(remaining, expected);
+    // Another client has its own bucket.
+    assert_eq!(
+        send(gws[1].addr, "GET", "/open/x", &[&from("198.51.100.11")])
+            .await
+            .0,
+        200
+    );
+    for gw in &gws {
+        let m = gw.metrics_text().await;
+        assert!(
+            m.contains("portcullis_cluster_errors_total{op=\"admit\"} 0"),
+            "{m}"
+        );
+        assert!(
+            m.contains("portcullis_cluster_duration_seconds_count"),
+            "{m}"
+        );
+    }
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn a_per_key_limit_holds_across_two_instances_and_its_clients() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = config(
+        &up,
+        &redis.url(),
+        "per_ip = \"off\"\nper_key = \"4/min\"",
+        "",
+    );
+    let (a, b) = (Gateway::start(&cfg).await, Gateway::start(&cfg).await);
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        // A different address each time: only the key's limit can refuse.
+        let ip = format!("198.51.100.{}", 20 + i);
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&from(&ip), &bearer(KEY)]).await;
+        if s == 429 {
+            assert_eq!(code_of(&r), "rate_limited", "{r}");
+        }
+        statuses.push(s);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429, 429, 429]);
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn a_lockout_begun_on_one_instance_blocks_the_address_on_the_other() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = config(&up, &redis.url(), "per_ip = \"off\"\nper_key = \"off\"", "");
+    let (a, b) = (Gateway::start(&cfg).await, Gateway::start(&cfg).await);
+    let attacker = from("203.0.113.5");
+    // Two failures on A, the third on B: three in the window lock the address out.
+    for (gw, n) in [(&a, 1), (&a, 2), (&b, 3)] {
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&attacker, &bearer("pcx_wrong")]).await;
+        assert_eq!(
+            (s, code_of(&r).as_str()),
+            (401, "invalid_api_key"),
+            "{n}: {r}"
+        );
+    }
+    // B saw the failure that began it, and says so.
+    let events = b.wait_events("lockout", 1).await;
+    assert_eq!(events[0]["client_ip"], "203.0.113.5");
+    assert_eq!(events[0]["failures"], 3);
+    assert!(a.events("lockout").is_empty());
+    // Both refuse the address now, even with a valid key, on every route.
+    for gw in [&a, &b] {
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&attacker, &bearer(KEY)]).await;
+        assert_eq!((s, code_of(&r).as_str()), (429, "locked_out"), "{r}");
+        let retry: u64 = header_of(&r, "retry-after").unwrap().parse().unwrap();
+        assert!((55..=60).contains(&retry), "Retry-After {retry}");
+        assert_eq!(send(gw.addr, "GET", "/open/x", &[&attacker]).await.0, 429);
+    }
+    // Another address is not affected.
+    assert_eq!(
+        send(
+            a.addr,
+            "GET",
+            "/v1/x",
+            &[&from("203.0.113.6"), &bearer(KEY)]
+        )
+        .await
+        .0,
+        200
+    );
+    assert_all_keys_expire(&redis);
+}
+
+/// Waits (bounded) until `gw` answers `want` for a request built by `req`.
+async fn wait_status(gw: &Gateway, ip: &str, want: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let (s, _) = send(gw.addr, "GET", "/open/x", &[&from(ip)]).await;
+        if s == want {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < WAIT, "{} never answered {want}", gw.addr);
+        // Polling: the gateway's retry after an outage is not an event the test can see.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn count_lines(gw: &Gateway, needle: &str) -> usize {
+    gw.stderr
+        .all()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+fn cluster_errors(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("portcullis_cluster_errors_total{op=\"admit\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn redis_going_away_local_serves_deny_refuses_and_both_share_again_when_it_returns() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = upstream().await;
+    let limits = "per_ip = \"3/min\"\nper_key = \"off\"";
+    // One worker each: every worker has its own Redis connection and, after a failure, pauses
+    // on its own; with one, "the gateway uses Redis again" is one observable step.
+    let one_worker = |c: String| c.replace("[server]\n", "[server]\nworkers = 1\n");
+    let local = Gateway::start(&one_worker(config(
+        &up,
+        &redis.url(),
+        limits,
+        "on_error = \"local\"",
+    )))
+    .await;
+    let deny = Gateway::start(&one_worker(config(
+        &up,
+        &redis.url(),
+        limits,
+        "on_error = \"deny\"",
+    )))
+    .await;
+    assert_eq!(
+        send(local.addr, "GET", "/open/x", &[&from("192.0.2.1")])
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        send(deny.addr, "GET", "/open/x", &[&from("192.0.2.1")])
+            .await
+            .0,
+        200
+    );
+
+    redis.kill();
+    // local: its own state, with its own limit (3/min for this instance alone).
+    let mut local_statuses = Vec::new();
+    for _ in 0..5 {
+        local_statuses.push(
+            send(local.addr, "GET", "/open/x", &[&from("192.0.2.2")])
+                .await
+                .0,
+        );
+    }
+    assert_eq!(local_statuses, [200, 200, 200, 429, 429]);
+    // deny: 503 overloaded, whatever the route.
+    for path in ["/open/x", "/v1/x"] {
+        let (s, r) = send(deny.addr, "GET", path, &[&from("192.0.2.3"), &bearer(KEY)]).await;
+        assert_eq!((s, code_of(&r).as_str()), (503, "overloaded"), "{r}");
+    }
+    assert!(cluster_errors(&local.metrics_text().await) >= 5);
+    assert!(cluster_errors(&deny.metrics_text().await) >= 2);
+    // One log line per outage, however many requests met it.
+    let outage = "Redis does not answer";
+    assert_eq!(count_lines(&local, outage), 1, "{}", local.stderr.text());
+    assert_eq!(count_lines(&deny, outage), 1, "{}", deny.stderr.text());
+
+    redis.restart();
+    // No gateway restart: both use Redis again by themselves. `deny` shows it by answering;
+    // `local` by writing its client's state to Redis again.
+    wait_status(&deny, "192.0.2.4", 200).await;
+    let start = Instant::now();
+    for i in 0.. {
+        let ip = format!("192.0.2.{}", 100 + i);
+        assert_eq!(
+            send(local.addr, "GET", "/open/x", &[&from(&ip)]).await.0,
+            200
+        );
+        if redis.keys().iter().any(|k| k.ends_with(&format!(":{ip}"))) {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "local never used Redis again");
+        // Polling: the gateway's retry after an outage is not an event the test can see.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for gw in [&local, &deny] {
+        assert_eq!(
+            count_lines(gw, "Redis answers again"),
+            1,
+            "{}",
+            gw.stderr.text()
+        );
+    }
+    // Shared again: 3/min across both.
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &local } else { &deny };
+        statuses.push(
+            send(gw.addr, "GET", "/open/x", &[&from("192.0.2.9")])
+                .await
+                .0,
+        );
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429]);
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn the_redis_password_never_reaches_the_logs_and_a_reload_cannot_move_redis() {
+    if !redis_available() {
+        return;
+    }
+    const PASSWORD: &str = "redis-secret-password-4f9a2c";
+    let mut redis = Redis::start_with_password(PASSWORD);
+    let up = upstream().await;
+    let url = format!("redis://:{PASSWORD}@127.0.0.1:{}/0", redis.port);
+    let cfg = config(
+        &up,
+        "${REDIS_URL}",
+        "per_ip = \"2/min\"\nper_key = \"off\"",
+        "",
+    );
+    let gw = Gateway::start_with_env(&cfg, &[("REDIS_URL", &url)]).await;
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                send(gw.addr, "GET", "/open/x", &[&from("192.0.2.77")])
+                    .await
+                    .0,
+            );
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 429]);
+    assert!(redis.keys().iter().any(|k| k.ends_with(":192.0.2.77")));
+    // An outage's log line, and a refused reload, name no password either.
+    redis.kill();
+    send(gw.addr, "GET", "/open/x", &[&from("192.0.2.78")]).await;
+    gw.stderr
+        .wait_until(|l| {
+            l.iter()
+                .any(|l| l.contains("Redis does not answer"))
+                .then_some(())
+        })
+        .await;
+    let moved = config(
+        &up,
+        "redis://127.0.0.1:1/0",
+        "per_ip = \"2/min\"\nper_key = \"off\"",
+        "",
+    );
+    gw.rewrite_config(&moved);
+    let reload = gw.reload().await;
+    assert_eq!(reload["result"], "failed", "{reload}");
+    assert!(
+        reload["reason"]
+            .as_str()
+            .unwrap()
+            .contains("needs a restart"),
+        "{reload}"
+    );
+    let all = format!("{}{}", gw.stdout.text(), gw.stderr.text());
+    assert!(!all.contains(PASSWORD), "the Redis password is in the logs");
+}
+
+#[test]
+fn cluster_config_errors_name_their_key() {
+    let cases = [
+        ("redis = \"http://127.0.0.1:6379\"", "cluster.redis"),
+        (
+            "redis = \"redis://127.0.0.1:6379\"\ntimeout = \"0s\"",
+            "cluster.timeout",
+        ),
+        (
+            "redis = \"redis://127.0.0.1:6379\"\non_error = \"ignore\"",
+            "on_error",
+        ),
+        (
+            "redis = \"redis://127.0.0.1:6379\"\nprefix = \"a b\"",
+            "cluster.prefix",
+        ),
+        ("prefix = \"x:\"", "redis"),
+    ];
+    for (section, path) in cases {
+        let cfg = format!(
+            "{}[cluster]\n{section}\n[[routes]]\nname = \"r\"\npath = \"/\"\nupstream = \"http://127.0.0.1:9\"\nauth = \"none\"\n",
+            server_section("")
+        );
+        let (code, _, err) = check(&cfg, &[]);
+        assert_eq!(code, 1, "{section}: {err}");
+        assert!(err.contains(path), "{section}: {err}");
+        assert!(err.contains("portcullis.toml:"), "{section}: {err}");
+    }
+}
+
+const PHONE: &str = "pcx_cluster-phone-0123456789abcdefghijklmnopqr";
+
+/// An `llm` route whose `phone` key has `budget`, its ledger at `db`, shared through `redis`.
+fn budget_config(up: &Upstream, redis: &str, db: &std::path::Path, budget: &str) -> String {
+    format!(
+        "{}[admin]\nlisten = \"127.0.0.1:0\"\n[limits]\nper_ip = \"off\"\nper_key = \"off\"\n\
+         [usage]\ndatabase = \"{}\"\n\
+         [cluster]\nredis = \"{redis}\"\nprefix = \"pcx-test:\"\n{}\
+         [[routes]]\nname = \"bridge\"\npath = \"/v1/\"\nupstream = \"{}\"\nllm = true\n",
+        server_section(""),
+        db.display(),
+        key_block("phone", PHONE, budget),
+        up.url()
+    )
+}
+
+async fn post_chat(gw: &Gateway, query: &str, body: &str) -> (u16, String) {
+    let r = client()
+        .post(gw.url(&format!("/v1/chat/completions{query}")))
+        .bearer_auth(PHONE)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// The phone key's token spend today, as Redis holds it.
+fn redis_spend(redis: &Redis) -> f64 {
+    let now = portcullis::clock::now_secs();
+    let start = portcullis::llm::budget::Period::Day.bounds(now).0;
+    let raw = redis
+        .command(&["HGET", &format!("pcx-test:b:k:phone:0:{start}"), "t"])
+        .unwrap_or_default();
+    raw.split("\r\n")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_budget_shared_by_two_instances_is_not_overspent_and_outlives_them() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A streamed chat asking for 100 tokens reserves ceil(len / 4) + 100; the cap fits 10.
+    let body = serde_json::json!({"model": "m", "messages": [], "stream": true, "max_tokens": 100})
+        .to_string();
+    let res = body.len().div_ceil(4) as u64 + 100;
+    let cap = 10 * res;
+    let budget = format!("budget = {{ tokens_per_day = {cap} }}");
+    let a = std::sync::Arc::new(
+        Gateway::start(&budget_config(
+            &up,
+            &redis.url(),
+            &dir.path().join("a.db"),
+            &budget,
+        ))
+        .await,
+    );
+    let b = std::sync::Arc::new(
+        Gateway::start(&budget_config(
+            &up,
+            &redis.url(),
+            &dir.path().join("b.db"),
+            &budget,
+        ))
+        .await,
+    );
+    // 40 requests at once, half on each instance; the upstream holds every admitted one until
+    // all 40 are decided (watched on its gate and the refusals' count).
+    let refused = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let gw = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (refused, body) = (refused.clone(), body.clone());
+            tokio::spawn(async move {
+                let (s, text) = post_chat(&gw, "?hold=1", &body).await;
+                if s == 429 {
+                    refused.send_modify(|n| *n += 1);
+                }
+                (s, text)
+            })
+        })
+        .collect();
+    let (mut held, mut no) = (up.gate.watch_held(), refused.subscribe());
+    tokio::time::timeout(WAIT, async {
+        while *held.borrow_and_update() + *no.borrow_and_update() < 40 {
+            tokio::select! {
+                r = held.changed() => r.unwrap(),
+                r = no.changed() => r.unwrap(),
+            }
+        }
+    })
+    .await
+    .expect("all 40 requests decided");
+    // Ten across both instances (each alone would have admitted ten).
+    assert_eq!(up.gate.held(), 10, "admitted while all were in flight");
+    up.gate.open();
+    let mut ok = 0;
+    for t in tasks {
+        let (s, text) = t.await.unwrap();
+        match s {
+            200 => ok += 1,
+            429 => assert!(text.contains("budget_exceeded"), "{text}"),
+            s => panic!("unexpected {s}: {text}"),
+        }
+    }
+    assert_eq!(ok, 10);
+    // Settled in Redis by their real usage, 24 tokens each (settling is off the request's
+    // path: wait for it).
+    let start = Instant::now();
+    while redis_spend(&redis) < 240.0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "spend in Redis: {}",
+            redis_spend(&redis)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+    }
+    assert_eq!(redis_spend(&redis), 240.0);
+    drop((a, b));
+
+    // Both restarted with new, empty ledgers: the spend is Redis's. A small request reserves
+    // ceil(len / 4) + 1; with a cap 1 token short of 240 + that, it is refused on both.
+    let small = serde_json::json!({"model": "m", "messages": [], "max_tokens": 1}).to_string();
+    let small_res = small.len().div_ceil(4) as u64 + 1;
+    let tight = format!("budget = {{ tokens_per_day = {} }}", 240 + small_res - 1);
+    for name in ["a2.db", "b2.db"] {
+        let gw = Gateway::start(&budget_config(
+            &up,
+            &redis.url(),
+            &dir.path().join(name),
+            &tight,
+        ))
+        .await;
+        let (s, text) = post_chat(&gw, "", &small).await;
+        assert_eq!(s, 429, "{text}");
+    }
+    let fits = format!("budget = {{ tokens_per_day = {} }}", 240 + small_res);
+    let gw = Gateway::start(&budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("c.db"),
+        &fits,
+    ))
+    .await;
+    assert_eq!(post_chat(&gw, "", &small).await.0, 200);
+    let start = Instant::now();
+    while redis_spend(&redis) < 256.0 {
+        assert!(
+            start.elapsed() < WAIT,
+            "spend in Redis: {}",
+            redis_spend(&redis)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+    }
+    // Nothing is held any more, and everything expires.
+    let holds = redis
+        .command(&["ZCARD", "pcx-test:r:k:phone"])
+        .unwrap_or_default();
+    assert!(holds.contains(":0"), "reservations left: {holds}");
+    assert_all_keys_expire(&redis);
+}
