@@ -199,6 +199,16 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     if let Some(c) = &cluster {
         metrics::cluster_configured();
         gate::redis::announce(c).await;
+        // Charges Redis did not take when they were made are sent again, every second.
+        if let Some(book) = serve.shared.budgets.clone() {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    book.flush_pending().await;
+                }
+            });
+        }
     }
     let listening = listeners.bound.into_iter().map(|(l, _)| l).collect();
     let workers =
@@ -233,7 +243,15 @@ pub async fn run(path: PathBuf, env: LayeredEnv) -> Result<(), StartError> {
     shutdown.cancel();
     workers.accepting_stopped().await;
     drain(&serve, grace).await;
+    // Shared budgets: the charges of the requests just finished reach Redis before the workers
+    // (whose runtimes send them) stop; any settled later are sent after.
+    if let Some(book) = &serve.shared.budgets {
+        book.finish(std::time::Duration::from_secs(5)).await;
+    }
     workers.finish().await;
+    if let Some(book) = &serve.shared.budgets {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), book.flush_pending()).await;
+    }
     if let Some(ledger) = serve.shared.ledger.clone() {
         let _ = tokio::task::spawn_blocking(move || ledger.flush()).await;
     }

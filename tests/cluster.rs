@@ -36,12 +36,19 @@ fn bearer(k: &str) -> String {
 
 /// Every key the gateways wrote into Redis carries a TTL (none would stay forever).
 fn assert_all_keys_expire(redis: &Redis) {
-    let keys = redis.keys();
-    assert!(!keys.is_empty(), "the gateways wrote nothing to Redis");
-    for k in &keys {
+    assert!(
+        !redis.keys().is_empty(),
+        "the gateways wrote nothing to Redis"
+    );
+    assert_no_key_without_ttl(redis);
+}
+
+fn assert_no_key_without_ttl(redis: &Redis) {
+    for k in &redis.keys() {
         assert!(k.starts_with("pcx-test:"), "key outside the prefix: {k}");
+        // -2: it expired between KEYS and PTTL (gone is fine; -1, no TTL, is not).
         let ttl = redis.pttl(k);
-        assert!(ttl > 0, "{k} has no TTL ({ttl})");
+        assert!(ttl > 0 || ttl == -2, "{k} has no TTL ({ttl})");
     }
 }
 
@@ -200,7 +207,16 @@ async fn wait_status(gw: &Gateway, ip: &str, want: u16) -> Duration {
     }
 }
 
-fn count_lines(gw: &Gateway, needle: &str) -> usize {
+/// The lines of `gw`'s diagnostic log holding `needle`, once at least one has arrived (the
+/// log is read by another thread).
+async fn count_lines(gw: &Gateway, needle: &str) -> usize {
+    gw.stderr
+        .wait_until(|l| l.iter().any(|l| l.contains(needle)).then_some(()))
+        .await;
+    count_now(gw, needle)
+}
+
+fn count_now(gw: &Gateway, needle: &str) -> usize {
     gw.stderr
         .all()
         .iter()
@@ -224,9 +240,7 @@ async fn redis_going_away_local_serves_deny_refuses_and_both_share_again_when_it
     let mut redis = Redis::start();
     let up = upstream().await;
     let limits = "per_ip = \"3/min\"\nper_key = \"off\"";
-    // One worker each: every worker has its own Redis connection and, after a failure, pauses
-    // on its own; with one, "the gateway uses Redis again" is one observable step.
-    let one_worker = |c: String| c.replace("[server]\n", "[server]\nworkers = 1\n");
+    // One worker each (see `one_worker`).
     let local = Gateway::start(&one_worker(config(
         &up,
         &redis.url(),
@@ -274,8 +288,18 @@ async fn redis_going_away_local_serves_deny_refuses_and_both_share_again_when_it
     assert!(cluster_errors(&deny.metrics_text().await) >= 2);
     // One log line per outage, however many requests met it.
     let outage = "Redis does not answer";
-    assert_eq!(count_lines(&local, outage), 1, "{}", local.stderr.text());
-    assert_eq!(count_lines(&deny, outage), 1, "{}", deny.stderr.text());
+    assert_eq!(
+        count_lines(&local, outage).await,
+        1,
+        "{}",
+        local.stderr.text()
+    );
+    assert_eq!(
+        count_lines(&deny, outage).await,
+        1,
+        "{}",
+        deny.stderr.text()
+    );
 
     redis.restart();
     // No gateway restart: both use Redis again by themselves. `deny` shows it by answering;
@@ -295,13 +319,27 @@ async fn redis_going_away_local_serves_deny_refuses_and_both_share_again_when_it
         // Polling: the gateway's retry after an outage is not an event the test can see.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for gw in [&local, &deny] {
+    // The outage is logged as over once Redis has answered, with no failure, for a second: a
+    // request now and then until the line comes.
+    for (n, gw) in [&local, &deny].into_iter().enumerate() {
+        let start = Instant::now();
+        for i in 0.. {
+            if count_now(gw, "Redis answers again") > 0 {
+                break;
+            }
+            assert!(start.elapsed() < WAIT, "{}", gw.stderr.text());
+            let ip = format!("192.0.{}.{}", 10 + n, i % 250);
+            assert_eq!(send(gw.addr, "GET", "/open/x", &[&from(&ip)]).await.0, 200);
+            // Polling: the end of an outage is a quiet second, not an event the test can see.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(
-            count_lines(gw, "Redis answers again"),
+            count_now(gw, "Redis answers again"),
             1,
             "{}",
             gw.stderr.text()
         );
+        assert_eq!(count_now(gw, outage), 1, "{}", gw.stderr.text());
     }
     // Shared again: 3/min across both.
     let mut statuses = Vec::new();
@@ -573,4 +611,368 @@ async fn a_token_budget_shared_by_two_instances_is_not_overspent_and_outlives_th
         .unwrap_or_default();
     assert!(holds.contains(":0"), "reservations left: {holds}");
     assert_all_keys_expire(&redis);
+}
+
+const JWT_SECRET: &str = "a-cluster-test-hmac-secret-of-more-than-32-bytes";
+
+/// An HS256 token of issuer `sso` for `sub`, valid for ten minutes (`good`), or signed with
+/// another secret.
+fn jwt(sub: &str, good: bool) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let now = portcullis::clock::now_secs();
+    let claims = serde_json::json!({"iss": "https://sso.test", "sub": sub, "exp": now + 600});
+    let secret = if good {
+        JWT_SECRET
+    } else {
+        "another-secret-of-more-than-32-bytes!!"
+    };
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jwt_subjects_limits_and_failures_are_shared_too() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = format!(
+        "{}[auth]\nlockout_failures = 2\nlockout_window = \"1m\"\nlockout_duration = \"1m\"\n\
+         [limits]\nper_ip = \"off\"\nper_key = \"2/min\"\n\
+         [cluster]\nredis = \"{}\"\nprefix = \"pcx-test:\"\n\
+         [[issuers]]\nname = \"sso\"\nissuer = \"https://sso.test\"\nalgorithms = [\"HS256\"]\nsecret = \"{JWT_SECRET}\"\n\
+         [[routes]]\nname = \"app\"\npath = \"/v1/\"\nupstream = \"{}\"\nauth = \"jwt\"\nissuers = [\"sso\"]\n",
+        server_section("trusted_proxies = [\"127.0.0.1\"]"),
+        redis.url(),
+        up.url()
+    );
+    let (a, b) = (Gateway::start(&cfg).await, Gateway::start(&cfg).await);
+    // alice's 2/min holds across both instances, from any address.
+    let mut statuses = Vec::new();
+    for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let ip = format!("198.51.100.{}", 50 + i);
+        let auth = bearer(&jwt("alice", true));
+        statuses.push(send(gw.addr, "GET", "/v1/x", &[&from(&ip), &auth]).await.0);
+    }
+    assert_eq!(statuses, [200, 200, 429, 429]);
+    // bob has his own.
+    let auth = bearer(&jwt("bob", true));
+    assert_eq!(
+        send(b.addr, "GET", "/v1/x", &[&from("198.51.100.60"), &auth])
+            .await
+            .0,
+        200
+    );
+    // Two forged tokens, one on each instance, lock the address out on both.
+    let forged = bearer(&jwt("alice", false));
+    let mallory = from("203.0.113.66");
+    for gw in [&a, &b] {
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&mallory, &forged]).await;
+        assert_eq!((s, code_of(&r).as_str()), (401, "invalid_token"), "{r}");
+    }
+    b.wait_events("lockout", 1).await;
+    let carol = bearer(&jwt("carol", true));
+    for gw in [&a, &b] {
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&mallory, &carol]).await;
+        assert_eq!((s, code_of(&r).as_str()), (429, "locked_out"), "{r}");
+    }
+    assert!(redis.keys().iter().any(|k| k.contains(":sso:alice")));
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn a_shared_budgets_events_are_written_once_by_the_instance_whose_charge_crossed() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each JSON answer is charged 16 tokens: the third brings the key to exactly 48 of 48.
+    let budget = "budget = { tokens_per_day = 48 }";
+    let a = Gateway::start(&budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("a.db"),
+        budget,
+    ))
+    .await;
+    let b = Gateway::start(&budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("b.db"),
+        budget,
+    ))
+    .await;
+    let small = serde_json::json!({"model": "m", "messages": [], "max_tokens": 1}).to_string();
+    for (n, gw) in [(1, &a), (2, &b), (3, &a)] {
+        assert_eq!(post_chat(gw, "", &small).await.0, 200);
+        // Settled in Redis before the next one (settling is off the request's path).
+        let start = Instant::now();
+        while redis_spend(&redis) < f64::from(16 * n) {
+            assert!(
+                start.elapsed() < WAIT,
+                "spend in Redis: {}",
+                redis_spend(&redis)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+        }
+    }
+    // 32 -> 48 crossed 80 % and 100 % at once, on a: both events there, once each.
+    let events = a.wait_events("budget", 2).await;
+    let thresholds: Vec<_> = events
+        .iter()
+        .map(|e| e["threshold"].as_u64().unwrap())
+        .collect();
+    assert_eq!(thresholds, [80, 100]);
+    for e in &events {
+        assert_eq!(e["key_id"], "phone");
+        assert_eq!(e["spent"], 48.0);
+        assert_eq!(e["limit"], 48.0);
+    }
+    // Spent on both instances; b wrote no event of its own.
+    for gw in [&a, &b] {
+        let (s, text) = post_chat(gw, "", &small).await;
+        assert_eq!(s, 429, "{text}");
+        assert!(text.contains("budget_exceeded"), "{text}");
+    }
+    assert_eq!(a.events("budget").len(), 2);
+    assert_all_keys_expire(&redis);
+}
+
+/// `cfg` with one worker (each worker has its own Redis connection and pause after a failure;
+/// with one, "the gateway uses Redis again" is one observable step).
+fn one_worker(cfg: String) -> String {
+    cfg.replace("[server]\n", "[server]\nworkers = 1\n")
+}
+
+fn cluster_errors_of(metrics: &str, op: &str) -> u64 {
+    let series = format!("portcullis_cluster_errors_total{{op=\"{op}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_spend(redis: &Redis, want: f64) {
+    let start = Instant::now();
+    while redis_spend(redis) != want {
+        assert!(
+            start.elapsed() < WAIT,
+            "spend in Redis: {} (want {want})",
+            redis_spend(redis)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+    }
+}
+
+#[tokio::test]
+async fn charges_made_while_redis_is_away_reach_it_when_it_returns_and_at_shutdown() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = "budget = { tokens_per_day = 1000 }";
+    let mut a = Gateway::start(&one_worker(budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("a.db"),
+        budget,
+    )))
+    .await;
+    let b = Gateway::start(&one_worker(
+        budget_config(
+            &up,
+            &redis.url(),
+            &dir.path().join("b.db"),
+            &format!("{budget}\n"),
+        )
+        .replace("[cluster]\n", "[cluster]\non_error = \"deny\"\n"),
+    ))
+    .await;
+    let small = serde_json::json!({"model": "m", "messages": [], "max_tokens": 1}).to_string();
+    assert_eq!(post_chat(&a, "", &small).await.0, 200);
+    wait_spend(&redis, 16.0).await;
+
+    redis.kill();
+    // local: admitted on its own book; the charge waits for Redis.
+    assert_eq!(post_chat(&a, "", &small).await.0, 200);
+    // deny: 503, nothing forwarded.
+    let seen = up.seen().len();
+    let (s, text) = post_chat(&b, "", &small).await;
+    assert_eq!(s, 503, "{text}");
+    assert!(text.contains("overloaded"), "{text}");
+    assert_eq!(up.seen().len(), seen);
+    let m = a.metrics_text().await;
+    for op in ["admit", "reserve", "settle"] {
+        assert!(cluster_errors_of(&m, op) >= 1, "{op}: {m}");
+    }
+
+    redis.restart();
+    // The waiting charge is sent again (every second) and counted once. (This Redis keeps no
+    // data across a restart: the first charge is gone with it, as the docs warn.)
+    wait_spend(&redis, 16.0).await;
+    // Shared again for b too.
+    let start = Instant::now();
+    loop {
+        let (s, _) = post_chat(&b, "", &small).await;
+        if s == 200 {
+            break;
+        }
+        assert_eq!(s, 503);
+        assert!(start.elapsed() < WAIT, "b never shared again");
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling: b's pause after a failure
+    }
+    wait_spend(&redis, 32.0).await;
+
+    // A request answered just before SIGTERM is settled before the process exits.
+    assert_eq!(post_chat(&a, "", &small).await.0, 200);
+    a.signal("TERM");
+    assert_eq!(a.wait_exit().await, 0);
+    assert_eq!(redis_spend(&redis), 48.0);
+    // Nothing left held in Redis.
+    let holds = redis.command(&["EXISTS", "pcx-test:r:k:phone", "pcx-test:rt:k:phone"]);
+    assert!(
+        holds.unwrap_or_default().contains(":0"),
+        "holds left in Redis"
+    );
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_does_not_spare_an_address_its_lockout() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = config(&up, &redis.url(), "per_ip = \"off\"\nper_key = \"off\"", "");
+    let gw = Gateway::start(&cfg).await;
+    // Through a trusted proxy the client's X-Request-Id is kept: the same one each time.
+    let id = "X-Request-Id: 01JDREPEATEDREPEATEDREPEAT";
+    let attacker = from("203.0.113.77");
+    for _ in 0..3 {
+        let (s, r) = send(
+            gw.addr,
+            "GET",
+            "/v1/x",
+            &[&attacker, id, &bearer("pcx_guess")],
+        )
+        .await;
+        assert_eq!((s, code_of(&r).as_str()), (401, "invalid_api_key"), "{r}");
+    }
+    let (s, r) = send(gw.addr, "GET", "/v1/x", &[&attacker, &bearer(KEY)]).await;
+    assert_eq!((s, code_of(&r).as_str()), (429, "locked_out"), "{r}");
+    assert_all_keys_expire(&redis);
+}
+
+#[tokio::test]
+async fn a_lockout_of_zero_seconds_is_no_error_and_leaves_nothing_behind() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let cfg = config(&up, &redis.url(), "per_ip = \"off\"\nper_key = \"off\"", "")
+        .replace("lockout_failures = 3", "lockout_failures = 1")
+        .replace("lockout_duration = \"1m\"", "lockout_duration = \"0s\"");
+    let gw = Gateway::start(&cfg).await;
+    let client = from("203.0.113.88");
+    for _ in 0..3 {
+        let (s, r) = send(gw.addr, "GET", "/v1/x", &[&client, &bearer("pcx_guess")]).await;
+        assert_eq!((s, code_of(&r).as_str()), (401, "invalid_api_key"), "{r}");
+    }
+    assert_eq!(
+        send(gw.addr, "GET", "/v1/x", &[&client, &bearer(KEY)])
+            .await
+            .0,
+        200
+    );
+    let m = gw.metrics_text().await;
+    assert_eq!(cluster_errors_of(&m, "admit"), 0, "{m}");
+    assert!(
+        count_now(&gw, "Redis does not answer") == 0,
+        "{}",
+        gw.stderr.text()
+    );
+    assert!(redis.keys().iter().all(|k| !k.contains("lock:")));
+    assert_no_key_without_ttl(&redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_local_keeps_answering_and_deny_refuses_cleanly() {
+    if !redis_available() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let up = upstream().await;
+    let limits = "per_ip = \"1000000/min\"\nper_key = \"1000000/min\"";
+    let local = std::sync::Arc::new(
+        Gateway::start(&config(&up, &redis.url(), limits, "on_error = \"local\"")).await,
+    );
+    let deny = std::sync::Arc::new(
+        Gateway::start(&config(&up, &redis.url(), limits, "on_error = \"deny\"")).await,
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(bool, u16)>();
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (gw, stop, tx) = (
+            if t % 2 == 0 {
+                local.clone()
+            } else {
+                deny.clone()
+            },
+            stop.clone(),
+            tx.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let ip = format!("198.51.100.{}", 200 + t);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (s, _) = send(gw.addr, "GET", "/v1/x", &[&from(&ip), &bearer(KEY)]).await;
+                let _ = tx.send((t % 2 == 0, s));
+            }
+        }));
+    }
+    drop(tx);
+    // Load runs; Redis dies under it; comes back; until deny has answered 200 again.
+    let mut seen = Vec::new();
+    let (mut killed, mut restarted) = (false, false);
+    let start = Instant::now();
+    while let Some((is_local, s)) = tokio::time::timeout(WAIT, rx.recv()).await.unwrap() {
+        seen.push((is_local, s, killed, restarted));
+        if !killed && seen.len() >= 50 {
+            redis.kill();
+            killed = true;
+        } else if killed && !restarted && seen.iter().filter(|x| x.2 && !x.3).count() >= 100 {
+            redis.restart();
+            restarted = true;
+        } else if restarted && !is_local && s == 200 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT * 2, "the load did not finish");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for (is_local, s, ..) in &seen {
+        if *is_local {
+            assert_eq!(*s, 200, "local answered {s}");
+        } else {
+            assert!(*s == 200 || *s == 503, "deny answered {s}");
+        }
+    }
+    // deny refused during the outage; local served throughout.
+    assert!(seen.iter().any(|x| !x.0 && x.1 == 503 && x.2 && !x.3));
+    assert!(seen.iter().any(|x| x.0 && x.2 && !x.3));
+    assert!(cluster_errors(&local.metrics_text().await) > 0);
 }

@@ -10,7 +10,8 @@
 -- ARGV[2], ARGV[3] per-IP limit: emission interval (us, 0 = no check), burst
 -- ARGV[4] count a failed key check: 1/0
 -- ARGV[5], ARGV[6], ARGV[7] lockout: failures, window (us), duration (ms)
--- ARGV[8] the request's id (a failure's member in KEYS[2])
+-- ARGV[8] a fresh id for this failure (its member in KEYS[2]; made by the gateway for each call,
+--         never from the request, so a client cannot make its failures one)
 -- ARGV[9], ARGV[10] per-key limit: emission interval (us, 0 = no check), burst
 --
 -- Returns {stage, ip_remaining, key_remaining, wait, failures}: stage 0 admitted, 1 locked out
@@ -58,13 +59,17 @@ if ARGV[4] == '1' then
   -- Failures older than the window no longer count.
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('(%.0f', now - window))
   redis.call('ZADD', KEYS[2], string.format('%.0f', now), ARGV[8])
+  redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000) + 1)
   local count = redis.call('ZCARD', KEYS[2])
   if count >= limit then
-    redis.call('SET', KEYS[1], '1', 'PX', tonumber(ARGV[7]))
+    -- A lockout of 0 ms begins and ends at once (as in the instance's own state).
+    local duration = tonumber(ARGV[7])
+    if duration > 0 then
+      redis.call('SET', KEYS[1], '1', 'PX', duration)
+    end
     redis.call('DEL', KEYS[2])
     return {3, ip_left, -1, 1, count}
   end
-  redis.call('PEXPIRE', KEYS[2], math.ceil(window / 1000) + 1)
   return {3, ip_left, -1, 0, count}
 end
 

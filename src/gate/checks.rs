@@ -22,8 +22,6 @@ pub struct Checks<'a> {
     pub failure: Option<&'a Auth>,
     /// Step 8: the per-key limit and the identity it counts (a key id, or `<issuer>:<sub>`).
     pub key: Option<(&'a Limiter, &'a Arc<str>)>,
-    /// A unique id of the request (its request id): tells one failure from another in Redis.
-    pub request_id: &'a str,
 }
 
 impl Checks<'_> {

@@ -17,7 +17,7 @@ pub mod redis;
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use self::checks::{Checks, State, Verdict};
@@ -27,6 +27,9 @@ use crate::rate_limit::Store;
 
 /// How long requests skip Redis after it failed to answer, before one tries again.
 const PAUSE: Duration = Duration::from_millis(250);
+
+/// How long Redis must answer with no failure for an outage to be over (logged as ended).
+const QUIET: Duration = Duration::from_secs(1);
 
 /// Redis could not answer and `on_error = "deny"`: the request gets 503 `overloaded`.
 #[derive(Debug)]
@@ -48,6 +51,9 @@ pub struct Gate {
     deny: AtomicU8,
     /// In an outage (logged once when it begins, once when it ends).
     down: AtomicBool,
+    /// When Redis last failed to answer, in ms after `epoch`.
+    last_failure_ms: AtomicU64,
+    epoch: Instant,
 }
 
 thread_local! {
@@ -64,6 +70,8 @@ impl Gate {
             shared: cluster.map(redis::Redis::new).transpose()?,
             deny: AtomicU8::new(0),
             down: AtomicBool::new(false),
+            last_failure_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
         };
         gate.configure(cluster);
         Ok(gate)
@@ -92,18 +100,20 @@ impl Gate {
         if checks.is_empty() {
             return Ok(Verdict::default());
         }
-        match self.ask("admit", |r| r.admit(checks)).await {
+        match self.ask("admit", true, |r| r.admit(checks)).await {
             Asked::Answer(v) => Ok(v),
             Asked::Local => Ok(self.local.decide(checks)),
             Asked::Deny => Err(Unavailable),
         }
     }
 
-    /// Asks Redis (`op` names it in metrics), unless this worker is pausing after a failure;
-    /// says what to do instead when it does not answer.
+    /// Asks Redis (`op` names it in metrics), unless this worker is pausing after a failure
+    /// (`pausable`: a charge is never skipped, it is sent again later); says what to do instead
+    /// when it does not answer.
     pub async fn ask<'a, T, F>(
         &'a self,
         op: &'static str,
+        pausable: bool,
         f: impl FnOnce(&'a redis::Redis) -> F,
     ) -> Asked<T>
     where
@@ -112,18 +122,25 @@ impl Gate {
         let Some(r) = &self.shared else {
             return Asked::Local;
         };
-        let paused = SKIP_UNTIL.get().is_some_and(|until| Instant::now() < until);
+        let paused = pausable && SKIP_UNTIL.get().is_some_and(|until| Instant::now() < until);
         if !paused {
             match f(r).await {
                 Ok(v) => {
                     SKIP_UNTIL.set(None);
-                    if self.down.swap(false, Ordering::Relaxed) {
+                    // The outage ends when Redis has answered with no failure anywhere for a
+                    // while (workers recover one by one; one answer amid failures is not the
+                    // end), so it is logged once, not once per flap.
+                    let quiet = self.epoch.elapsed().as_millis() as u64
+                        >= self.last_failure_ms.load(Ordering::Relaxed) + QUIET.as_millis() as u64;
+                    if quiet && self.down.swap(false, Ordering::Relaxed) {
                         tracing::info!("cluster: Redis answers again; limits are shared again");
                     }
                     return Asked::Answer(v);
                 }
                 Err(e) => {
                     SKIP_UNTIL.set(Some(Instant::now() + PAUSE));
+                    self.last_failure_ms
+                        .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
                     if !self.down.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
                             error = %e,
@@ -165,7 +182,9 @@ impl llm::budget::SharedStore for Gate {
     ) -> llm::budget::Pending<'a, llm::budget::Answered<Option<i64>>> {
         Box::pin(async move {
             let asked = self
-                .ask("reserve", |r| r.reserve(scopes, periods, own, member, hold))
+                .ask("reserve", true, |r| {
+                    r.reserve(scopes, periods, own, member, hold)
+                })
                 .await;
             answered(asked)
         })
@@ -175,12 +194,15 @@ impl llm::budget::SharedStore for Gate {
         &'a self,
         scopes: &'a [llm::budget::BudgetScope],
         periods: &'a llm::budget::Periods,
+        charge_id: &'a str,
         charged: (f64, f64),
         member: Option<&'a str>,
-    ) -> llm::budget::Pending<'a, llm::budget::Answered<Vec<f64>>> {
+    ) -> llm::budget::Pending<'a, llm::budget::Answered<(bool, Vec<f64>)>> {
         Box::pin(async move {
             let asked = self
-                .ask("settle", |r| r.settle(scopes, periods, charged, member))
+                .ask("settle", false, |r| {
+                    r.settle(scopes, periods, charge_id, charged, member)
+                })
                 .await;
             answered(asked)
         })

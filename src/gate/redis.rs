@@ -125,7 +125,9 @@ impl Redis {
             .arg(auth.map_or(0, |a| a.lockout_failures))
             .arg(auth.map_or(0, |a| a.lockout_window.as_micros() as u64))
             .arg(auth.map_or(0, |a| a.lockout_duration.as_millis() as u64))
-            .arg(c.request_id)
+            // A fresh member per failure: a client-chosen id (X-Request-Id through a trusted
+            // proxy) repeated would otherwise count as one failure.
+            .arg(ulid::Ulid::new().to_string())
             .arg(key_t)
             .arg(key_n);
         call
@@ -241,6 +243,10 @@ impl Redis {
         self.key(format_args!("r:{scope}"))
     }
 
+    fn totals_key(&self, scope: &str) -> String {
+        self.key(format_args!("rt:{scope}"))
+    }
+
     /// One script call within `cluster.timeout`; a connection found dead (Redis restarted, a
     /// proxy between closed it) is replaced by the manager and the call tried once more.
     async fn round_trip<T: redis::FromRedisValue>(
@@ -288,7 +294,9 @@ impl Redis {
             .arg(own.1)
             .arg(scopes.len());
         for s in scopes {
-            call.arg(self.hold_key(&s.name)).arg(s.caps.len());
+            call.arg(self.hold_key(&s.name))
+                .arg(self.totals_key(&s.name))
+                .arg(s.caps.len());
             for c in &s.caps {
                 let (start, end) = periods[c.period];
                 call.arg(self.spend_key(&s.name, c.period, start))
@@ -301,24 +309,27 @@ impl Redis {
         Ok((until != 0).then_some(until))
     }
 
-    /// Adds `charged` (tokens, USD) to every scope's spend, releasing the reservation `member`
-    /// (`None`: a realtime response, charged on top of a reservation still held). Returns what
-    /// is now spent of each cap, scope by scope, in order.
+    /// Adds `charged` (tokens, USD) to every scope's spend, once per `charge_id` however often
+    /// it is sent, releasing the reservation `member` (`None`: nothing to release). Returns
+    /// whether this call counted it, and what is now spent of each cap, scope by scope.
     pub async fn settle(
         &self,
         scopes: &[BudgetScope],
         periods: &Periods,
+        charge_id: &str,
         charged: (f64, f64),
         member: Option<&str>,
-    ) -> Result<Vec<f64>, Error> {
+    ) -> Result<(bool, Vec<f64>), Error> {
         let mut call = SETTLE.prepare_invoke();
-        call.arg(member.unwrap_or(""))
+        call.arg(self.key(format_args!("c:{charge_id}")))
+            .arg(member.unwrap_or(""))
             .arg(charged.0)
             .arg(charged.1)
             .arg(SPEND_KEPT_SECS)
             .arg(scopes.len());
         for s in scopes {
-            call.arg(self.hold_key(&s.name));
+            call.arg(self.hold_key(&s.name))
+                .arg(self.totals_key(&s.name));
             for (p, (start, end)) in periods.iter().enumerate() {
                 call.arg(self.spend_key(&s.name, p, *start)).arg(*end);
             }
@@ -327,7 +338,11 @@ impl Redis {
                 call.arg(c.period + 1).arg(if c.tokens { "t" } else { "c" });
             }
         }
-        let spent: Vec<String> = self.round_trip(call).await?;
-        Ok(spent.iter().map(|s| s.parse().unwrap_or(0.0)).collect())
+        let answer: Vec<String> = self.round_trip(call).await?;
+        let Some((applied, spent)) = answer.split_first() else {
+            return Err(Error::Answer);
+        };
+        let spent = spent.iter().map(|s| s.parse().unwrap_or(0.0)).collect();
+        Ok((applied == "1", spent))
     }
 }

@@ -6,33 +6,45 @@
 -- Key names come in ARGV (they depend on how many scopes and caps apply); this script is for a
 -- standalone Redis or Valkey, not Redis Cluster.
 -- ARGV: now_ms, deadline_ms, member, own_tokens, own_cost, n_scopes, then per scope:
---   reservations key, n_caps, then per cap: spend key, unit ('t' or 'c'), limit, period end (s)
--- A reservation is a member "<id>|<tokens>|<cost>" of its scope's sorted set, scored by the time
--- it lapses (an instance that died with requests in flight holds them no longer than that).
--- Returns 0 when admitted, else the latest end (unix seconds) of the caps that refused.
+--   holds key, totals key, n_caps, then per cap: spend key, unit ('t' or 'c'), limit,
+--   period end (unix s)
+-- A scope's reservations in flight are the members "<id>|<tokens>|<cost>" of its holds (a sorted
+-- set scored by the time each lapses: an instance that died with requests in flight holds them
+-- no longer than that), summed in its totals (a hash, so admission reads two numbers, not every
+-- hold). Returns 0 when admitted, else the latest end (unix seconds) of the caps that refused.
 
 local now = tonumber(ARGV[1])
 local deadline = tonumber(ARGV[2])
 local member = ARGV[3]
 local own = {t = tonumber(ARGV[4]), c = tonumber(ARGV[5])}
 local n = tonumber(ARGV[6])
+
+local function amounts(m)
+  local t, c = string.match(m, '|([^|]*)|([^|]*)$')
+  return tonumber(t) or 0, tonumber(c) or 0
+end
+
 local i = 7
 local refused = nil
-local holds = {}
+local scopes = {}
 for _ = 1, n do
-  local rk = ARGV[i]
-  local ncaps = tonumber(ARGV[i + 1])
-  i = i + 2
-  holds[#holds + 1] = rk
-  redis.call('ZREMRANGEBYSCORE', rk, '-inf', now)
-  local reserved = {t = 0, c = 0}
-  if ncaps > 0 then
-    for _, m in ipairs(redis.call('ZRANGE', rk, 0, -1)) do
-      local t, c = string.match(m, '|([^|]*)|([^|]*)$')
-      reserved.t = reserved.t + (tonumber(t) or 0)
-      reserved.c = reserved.c + (tonumber(c) or 0)
-    end
+  local holds, totals, ncaps = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  i = i + 3
+  scopes[#scopes + 1] = {holds, totals}
+  -- Holds that lapsed no longer count.
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', holds, '-inf', now)) do
+    local t, c = amounts(m)
+    redis.call('HINCRBYFLOAT', totals, 't', -t)
+    redis.call('HINCRBYFLOAT', totals, 'c', -c)
   end
+  redis.call('ZREMRANGEBYSCORE', holds, '-inf', now)
+  if redis.call('ZCARD', holds) == 0 then
+    redis.call('DEL', totals)
+  end
+  local reserved = {
+    t = math.max(tonumber(redis.call('HGET', totals, 't')) or 0, 0),
+    c = math.max(tonumber(redis.call('HGET', totals, 'c')) or 0, 0),
+  }
   for _ = 1, ncaps do
     local sk, unit, limit, till = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
     i = i + 4
@@ -47,10 +59,15 @@ end
 if refused then
   return refused
 end
-for _, rk in ipairs(holds) do
-  redis.call('ZADD', rk, deadline, member)
-  if redis.call('PTTL', rk) < deadline - now then
-    redis.call('PEXPIRE', rk, deadline - now)
+for _, s in ipairs(scopes) do
+  local holds, totals = s[1], s[2]
+  redis.call('ZADD', holds, deadline, member)
+  redis.call('HINCRBYFLOAT', totals, 't', own.t)
+  redis.call('HINCRBYFLOAT', totals, 'c', own.c)
+  -- Both live as long as their longest hold.
+  if redis.call('PTTL', holds) < deadline - now then
+    redis.call('PEXPIRE', holds, deadline - now)
+    redis.call('PEXPIRE', totals, deadline - now)
   end
 end
 return 0

@@ -223,6 +223,29 @@ pub struct Book {
 struct SharedBudgets {
     store: Arc<dyn SharedStore>,
     audit: crate::audit::Audit,
+    /// Settles in flight (tasks on the workers' runtimes), waited for at shutdown.
+    sending: tokio_util::task::TaskTracker,
+    /// Settles Redis did not take yet: sent again every second by the main runtime
+    /// ([`Book::flush_pending`]) and at shutdown, until Redis takes them.
+    pending: Mutex<std::collections::VecDeque<Settle>>,
+}
+
+/// Charges waiting for Redis at most; past it the oldest is dropped (logged): its spend then
+/// stays in this instance's book and ledger only.
+const MAX_PENDING: usize = 100_000;
+
+/// One charge to settle in Redis.
+struct Settle {
+    applies: Applies,
+    /// The periods it belongs to (as when it was charged, however late it is sent).
+    now: i64,
+    /// Counted once in Redis however often it is sent.
+    id: String,
+    charged: Amount,
+    /// The reservation it releases.
+    member: Option<String>,
+    /// A realtime session's: set when a cap is found spent.
+    spent_out: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// A future that a [`SharedStore`] answers with.
@@ -244,13 +267,16 @@ pub trait SharedStore: Send + Sync {
 
     /// Adds `charged` (tokens, USD) to every scope's spend, releasing the reservation `member`
     /// (`None`: keep holding it); answers what is now spent of each cap, scope by scope.
+    /// Counted once per `charge_id`, however often it is sent: answers whether this call
+    /// counted it. Never paused, never refused: it answers, or it fails (and is sent again).
     fn settle<'a>(
         &'a self,
         scopes: &'a [BudgetScope],
         periods: &'a Periods,
+        charge_id: &'a str,
         charged: (f64, f64),
         member: Option<&'a str>,
-    ) -> Pending<'a, Answered<Vec<f64>>>;
+    ) -> Pending<'a, Answered<(bool, Vec<f64>)>>;
 }
 
 /// What a [`SharedStore`] answered, or what to do without an answer (`cluster.on_error`).
@@ -447,7 +473,80 @@ impl Book {
     /// With `[cluster]`: budgets are decided in Redis from now on; `budget` events of charges
     /// settled there go to `audit`.
     pub fn share(&self, store: Arc<dyn SharedStore>, audit: crate::audit::Audit) {
-        let _ = self.shared.set(SharedBudgets { store, audit });
+        let _ = self.shared.set(SharedBudgets {
+            store,
+            audit,
+            sending: tokio_util::task::TaskTracker::new(),
+            pending: Mutex::default(),
+        });
+    }
+
+    /// Sends a charge to Redis from a task on this thread's runtime (off the request's path);
+    /// queued for [`Book::flush_pending`] if there is none, if shutdown has begun, or if Redis
+    /// does not take it.
+    fn send(self: &Arc<Self>, job: Settle) {
+        let Some(sh) = self.shared.get() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if !sh.sending.is_closed() => {
+                let book = self.clone();
+                rt.spawn(sh.sending.track_future(async move {
+                    if let Some(sh) = book.shared.get()
+                        && !deliver(sh, &job).await
+                    {
+                        book.queue(job);
+                    }
+                }));
+            }
+            _ => self.queue(job),
+        }
+    }
+
+    fn queue(&self, job: Settle) {
+        let Some(sh) = self.shared.get() else { return };
+        let mut q = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= MAX_PENDING {
+            q.pop_front();
+            tracing::warn!(
+                max = MAX_PENDING,
+                "cluster: too many charges waiting for Redis; the oldest is kept in this instance's book only"
+            );
+        }
+        q.push_back(job);
+    }
+
+    /// Sends the charges Redis did not take yet, in order; keeps those it still does not take.
+    /// Called every second on the main runtime and at shutdown.
+    pub async fn flush_pending(&self) {
+        let Some(sh) = self.shared.get() else { return };
+        let jobs: Vec<Settle> = {
+            let mut q = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+            q.drain(..).collect()
+        };
+        let mut jobs = jobs.into_iter();
+        while let Some(job) = jobs.next() {
+            if !deliver(sh, &job).await {
+                // Still not answering: keep this one and the rest for the next round.
+                let mut q = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let rest: Vec<Settle> = std::iter::once(job).chain(jobs).collect();
+                for j in rest.into_iter().rev() {
+                    q.push_front(j);
+                }
+                return;
+            }
+        }
+    }
+
+    /// At shutdown: waits (at most `limit`) for the settles in flight, then sends what waits.
+    /// Settles that begin later (records written after this) are queued, for a last
+    /// [`Book::flush_pending`].
+    pub async fn finish(&self, limit: Duration) {
+        let Some(sh) = self.shared.get() else { return };
+        sh.sending.close();
+        let _ = tokio::time::timeout(limit, async {
+            sh.sending.wait().await;
+            self.flush_pending().await;
+        })
+        .await;
     }
 
     /// [`Book::admit`], in Redis where budgets are shared: one round trip holds the
@@ -462,6 +561,27 @@ impl Book {
         let Some(sh) = self.shared.get() else {
             return self.admit(applies, own, now).map_err(Refusal::Spent);
         };
+        // The same bound on users as without Redis: this book holds an account for each.
+        let new_user = applies
+            .key
+            .as_ref()
+            .zip(applies.user.as_ref())
+            .is_some_and(|(k, u)| {
+                !self.lock().contains_key(&Scope {
+                    key: Some(k.clone()),
+                    user: Some(u.clone()),
+                })
+            });
+        if new_user && self.users.load(Ordering::Relaxed) >= MAX_USER_ACCOUNTS {
+            tracing::warn!(
+                max = MAX_USER_ACCOUNTS,
+                "user_budget: too many users to track; a new user's request is refused"
+            );
+            let end = Period::Day.bounds(now).1;
+            return Err(Refusal::Spent(Duration::from_secs(
+                (end - now).max(1) as u64
+            )));
+        }
         let scopes = redis_scopes(&applies);
         let periods = current_periods(now);
         let member = format!("{}|{}|{}", ulid::Ulid::new(), own.tokens, own.cost);
@@ -542,30 +662,33 @@ impl Reservation {
     pub fn settle(mut self, charged: Amount, now: i64) -> Vec<BudgetEvent> {
         self.settled = true;
         let events = self.add(charged, now, true).0;
-        match &self.hold {
-            None => events,
-            Some(h) => {
-                // Redis says what is spent, and so which lines this charge crossed.
-                self.settle_shared(charged, now, Some(h.member.clone()));
-                Vec::new()
-            }
+        if self.book.shared.get().is_none() {
+            return events;
         }
+        // Shared budgets: Redis says what is spent, and so which lines this charge crossed. A
+        // request admitted while Redis did not answer (no hold) is charged there too.
+        let member = self.hold.as_ref().map(|h| h.member.clone());
+        self.settle_shared(charged, now, member);
+        Vec::new()
     }
 
     /// Charges `charged` on top of what the reservation holds, which stays held: one response of
     /// a realtime session (SPEC §8), charged when it is seen. Returns the `budget` events, and
     /// whether one of the caps is now spent (the session is to be closed).
     pub fn charge(&self, charged: Amount, now: i64) -> (Vec<BudgetEvent>, bool) {
-        let local = self.add(charged, now, false);
-        match &self.hold {
-            None => local,
-            Some(h) => {
-                // In Redis, a charge is known spent once it has settled there: a session is
-                // closed at the first response after the one that spent the cap.
-                self.settle_shared(charged, now, None);
-                (Vec::new(), h.spent_out.load(Ordering::Relaxed))
-            }
+        let (events, spent_here) = self.add(charged, now, false);
+        if self.book.shared.get().is_none() {
+            return (events, spent_here);
         }
+        // In Redis, a charge is known spent once it has settled there: a session is closed at
+        // the first response after the one that spent the cap (or at once, if this instance's
+        // own share already spent it).
+        self.settle_shared(charged, now, None);
+        let spent_shared = self
+            .hold
+            .as_ref()
+            .is_some_and(|h| h.spent_out.load(Ordering::Relaxed));
+        (Vec::new(), spent_here || spent_shared)
     }
 
     /// Settles `charged` in Redis, off the request's path (a task on this worker's runtime):
@@ -574,47 +697,16 @@ impl Reservation {
     /// the charge stays in this instance's book only (counted in
     /// `portcullis_cluster_errors_total{op="settle"}`).
     fn settle_shared(&self, charged: Amount, now: i64, member: Option<String>) {
-        let (Some(sh), Some(hold)) = (self.book.shared.get(), &self.hold) else {
+        if self.book.shared.get().is_none() {
             return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            crate::metrics::cluster_error("settle");
-            return;
-        };
-        let store = sh.store.clone();
-        let audit = sh.audit.clone();
-        let applies = self.applies.clone();
-        let spent_out = hold.spent_out.clone();
-        rt.spawn(async move {
-            let scopes = redis_scopes(&applies);
-            let periods = current_periods(now);
-            let asked = store
-                .settle(
-                    &scopes,
-                    &periods,
-                    (charged.tokens, charged.cost),
-                    member.as_deref(),
-                )
-                .await;
-            let Answered::Answer(spent) = asked else {
-                return;
-            };
-            let mut spent = spent.into_iter();
-            for (scope, caps) in applies.scopes() {
-                for cap in caps {
-                    let is = spent.next().unwrap_or(0.0);
-                    let was = is - charged.get(cap.unit);
-                    if is >= cap.limit {
-                        spent_out.store(true, Ordering::Relaxed);
-                    }
-                    for e in crossings(&scope, cap, was, is) {
-                        audit.emit(&e);
-                    }
-                    if scope.user.is_none() {
-                        publish(&scope, cap, is);
-                    }
-                }
-            }
+        }
+        self.book.send(Settle {
+            applies: self.applies.clone(),
+            now,
+            id: ulid::Ulid::new().to_string(),
+            charged,
+            member,
+            spent_out: self.hold.as_ref().map(|h| h.spent_out.clone()),
         });
     }
 
@@ -646,6 +738,48 @@ impl Reservation {
         }
         (events, spent_out)
     }
+}
+
+/// Settles `job` in Redis: writes the `budget` events of the lines it crossed and sets the
+/// remaining-budget gauges. False if Redis did not take it (to be sent again).
+async fn deliver(sh: &SharedBudgets, job: &Settle) -> bool {
+    let scopes = redis_scopes(&job.applies);
+    let periods = current_periods(job.now);
+    let charged = job.charged;
+    let asked = sh
+        .store
+        .settle(
+            &scopes,
+            &periods,
+            &job.id,
+            (charged.tokens, charged.cost),
+            job.member.as_deref(),
+        )
+        .await;
+    let Answered::Answer((applied, spent)) = asked else {
+        return false;
+    };
+    let mut spent = spent.into_iter();
+    for (scope, caps) in job.applies.scopes() {
+        for cap in caps {
+            let is = spent.next().unwrap_or(0.0);
+            if is >= cap.limit
+                && let Some(out) = &job.spent_out
+            {
+                out.store(true, Ordering::Relaxed);
+            }
+            // A charge counted by an earlier send crossed its lines then.
+            if applied {
+                for e in crossings(&scope, cap, is - charged.get(cap.unit), is) {
+                    sh.audit.emit(&e);
+                }
+            }
+            if scope.user.is_none() {
+                publish(&scope, cap, is);
+            }
+        }
+    }
+    true
 }
 
 /// The `budget` events of a charge that took `cap`'s spend from `was` to `is`: one per line

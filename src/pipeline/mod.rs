@@ -210,7 +210,7 @@ async fn process(
     let cred = steps::identify(live, ctx, route, routed.preflight, &req);
     let mut verdict = shared
         .gate
-        .admit(&steps::checks(live, ctx, route, who, &cred))
+        .admit(&steps::checks(live, route, who, &cred))
         .await
         .map_err(|_| GatewayError::Overloaded)?;
     // Step 5: lockout, the route's per-IP limit (before the key: a keyless flood is limited too).

@@ -168,7 +168,6 @@ pub(super) fn identify<'r>(
 /// The shared-state checks of steps 5–8 for a request whose credential is `cred`.
 pub(super) fn checks<'a>(
     live: &'a Live,
-    ctx: &'a Ctx,
     route: &Route,
     who: IpAddr,
     cred: &Credential<'_>,
@@ -185,7 +184,6 @@ pub(super) fn checks<'a>(
                 .map(|l| (&**l, &live.key_ids[*index])),
             _ => None,
         },
-        request_id: ctx.request_id.to_str().unwrap_or(""),
     }
 }
 
@@ -290,7 +288,6 @@ pub(super) async fn authenticate(
                 ip: None,
                 failure: None,
                 key: None,
-                request_id: ctx.request_id.to_str().unwrap_or(""),
             };
             let Some((issuer, identity)) = crate::jwt::verify(issuers, token) else {
                 crate::metrics::auth_failure(GatewayError::InvalidToken.code());
