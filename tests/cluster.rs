@@ -976,3 +976,76 @@ async fn redis_killed_under_load_local_keeps_answering_and_deny_refuses_cleanly(
     assert!(seen.iter().any(|x| x.0 && x.2 && !x.3));
     assert!(cluster_errors(&local.metrics_text().await) > 0);
 }
+
+#[tokio::test]
+async fn a_keys_users_caps_hold_across_instances() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let up = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each answer is charged 16 tokens; a request with max_tokens 1 reserves a few more than
+    // that: a user's 40 a day fits two requests, not three.
+    let budget = "user_header = \"x-openwebui-user-id\"\nuser_budget = { tokens_per_day = 40 }";
+    let a = Gateway::start(&budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("a.db"),
+        budget,
+    ))
+    .await;
+    let b = Gateway::start(&budget_config(
+        &up,
+        &redis.url(),
+        &dir.path().join("b.db"),
+        budget,
+    ))
+    .await;
+    let small = serde_json::json!({"model": "m", "messages": [], "max_tokens": 1}).to_string();
+    let ask = |gw: &Gateway, user: &str| {
+        let req = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(PHONE)
+            .header("x-openwebui-user-id", user)
+            .header("content-type", "application/json")
+            .body(small.clone());
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    let user_spend = |user: &str| {
+        let start = portcullis::llm::budget::Period::Day
+            .bounds(portcullis::clock::now_secs())
+            .0;
+        let raw = redis
+            .command(&["HGET", &format!("pcx-test:b:u:phone:{user}:0:{start}"), "t"])
+            .unwrap_or_default();
+        raw.split("\r\n")
+            .nth(1)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for (n, gw) in [(1.0, &a), (2.0, &b)] {
+        assert_eq!(ask(gw, "alice").await, 200);
+        let start = Instant::now();
+        while user_spend("alice") < 16.0 * n {
+            assert!(
+                start.elapsed() < WAIT,
+                "alice's spend: {}",
+                user_spend("alice")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+        }
+    }
+    // alice's third is refused on either instance; bob has his own 40.
+    assert_eq!(ask(&a, "alice").await, 429);
+    assert_eq!(ask(&b, "alice").await, 429);
+    assert_eq!(ask(&a, "bob").await, 200);
+    // The key's spend is the sum of its users'.
+    let start = Instant::now();
+    while redis_spend(&redis) < 48.0 {
+        assert!(start.elapsed() < WAIT, "key spend: {}", redis_spend(&redis));
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
+    }
+    assert_eq!(redis_spend(&redis), 48.0);
+    assert_all_keys_expire(&redis);
+}
