@@ -3,7 +3,9 @@
 //! [`ArcSwapOption`] that verification reads without a lock. A failed fetch keeps the last good
 //! set (a warning line and `portcullis_jwks_refresh_errors_total{issuer}`) and is tried again
 //! sooner (1 s, 2 s, 4 s… up to `jwks_refresh`); until a first fetch succeeds, the issuer's tokens
-//! are refused (401 `invalid_token`).
+//! are refused (401 `invalid_token`). A token that names a key the set lacks (the provider has
+//! rotated its signing key) wakes the task: [`Remote::fetch_soon`], at most every
+//! [`WAKE_INTERVAL`]; the request itself never waits for a fetch.
 //!
 //! A [`Remote`] belongs to one issuer name and URL. [`Sources`] keeps the running ones across
 //! reloads: a reload that keeps both hands the new config the running `Remote`, its fetched set
@@ -13,14 +15,16 @@
 //!
 //! A fetch is one HTTP/1.1 `GET` over rustls (the system's CA certificates, or only those of
 //! `jwks_ca_file`), which must be answered `200` within [`FETCH_TIMEOUT`] with at most
-//! [`MAX_BODY`] bytes of a JWKS holding at least one usable key. Redirects are not followed.
+//! [`MAX_BODY`] bytes of a JWKS holding at least one usable key. Each address the host resolves
+//! to is tried in turn for at most [`CONNECT_TIMEOUT`]. Redirects are not followed.
 //! Plain `http://` is accepted only to a loopback address (an identity provider on the same
 //! machine). `portcullis check` fetches nothing.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
@@ -33,14 +37,19 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::sync::{Notify, watch};
 
-use jsonwebtoken::DecodingKey;
-use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey};
 
 /// Verification keys: `(kid, key)`.
 pub type Keys = Vec<(Option<String>, DecodingKey)>;
 
 /// The longest a fetch may take, connection and TLS handshake included.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a connection to one of the host's addresses may take before the next is tried
+/// (a black-holed IPv6 address must not use up [`FETCH_TIMEOUT`]).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The shortest time between two fetches woken by tokens naming a key the set lacks.
+pub const WAKE_INTERVAL: Duration = Duration::from_secs(30);
 /// The largest JWKS document accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// `jwks_refresh` when not set.
@@ -54,8 +63,44 @@ pub const MAX_REFRESH: Duration = Duration::from_secs(86_400);
 pub struct Settings {
     /// `jwks_refresh`.
     pub refresh: Duration,
-    /// `jwks_ca_file`'s certificates, trusted instead of the system's.
-    pub roots: Option<Arc<RootCertStore>>,
+    /// The issuer's `algorithms`: a key declaring another (`alg`) is skipped.
+    pub algorithms: Vec<Algorithm>,
+    /// The TLS client: with `jwks_ca_file`'s certificates, made with the config; with the
+    /// system's, made at the first fetch that needs it (read off the runtime's thread) and kept
+    /// for as long as these settings (a reload reads the system's store again).
+    tls: OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+impl Settings {
+    /// `roots`: `jwks_ca_file`'s certificates, trusted instead of the system's.
+    pub fn new(
+        refresh: Duration,
+        algorithms: Vec<Algorithm>,
+        roots: Option<RootCertStore>,
+    ) -> Result<Settings, String> {
+        let tls = OnceLock::new();
+        if let Some(roots) = roots {
+            let _ = tls.set(client_config(roots)?);
+        }
+        Ok(Settings {
+            refresh,
+            algorithms,
+            tls,
+        })
+    }
+
+    /// The TLS client config, the system's CA certificates loaded for it if not yet done.
+    async fn tls(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+        if let Some(c) = self.tls.get() {
+            return Ok(c.clone());
+        }
+        // Reading the store is file I/O: not on the (single-threaded) control runtime's thread.
+        let roots = tokio::task::spawn_blocking(system_roots)
+            .await
+            .map_err(|e| format!("reading the system's CA certificates: {e}"))??;
+        let c = client_config(roots)?;
+        Ok(self.tls.get_or_init(|| c).clone())
+    }
 }
 
 /// One issuer's `jwks_url` and the key set last fetched from it.
@@ -70,6 +115,10 @@ pub struct Remote {
     wake: Arc<Notify>,
     /// Whether the first fetch has finished, well or not (startup waits for it, boundedly).
     tried: watch::Sender<bool>,
+    /// When [`Remote::fetch_soon`] last woke the task: milliseconds since `born`, plus one (0:
+    /// never).
+    woken: AtomicU64,
+    born: Instant,
 }
 
 impl std::fmt::Debug for Remote {
@@ -98,6 +147,31 @@ impl Remote {
             settings: ArcSwap::from_pointee(settings),
             wake: Arc::new(Notify::new()),
             tried: watch::Sender::new(false),
+            woken: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    /// Asks the fetch task to fetch the JWKS now, for a token that names a key the set lacks
+    /// (or that came before any set): at most once every [`WAKE_INTERVAL`], so tokens with made-up
+    /// `kid`s cannot make the gateway hammer the provider. Never fetches here, never waits.
+    pub fn fetch_soon(&self) {
+        let now = u64::try_from(self.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        let last = self.woken.load(Ordering::Relaxed);
+        if !wake_due(last, now) {
+            return;
+        }
+        // One of the requests that find it due wakes the task.
+        if self
+            .woken
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::info!(issuer = %self.issuer, url = %shown(&self.url),
+                "a token names a key not in the issuer's JWKS; fetching the JWKS again");
+            self.wake.notify_one();
         }
     }
 
@@ -208,6 +282,12 @@ async fn refresh(remote: Weak<Remote>, wake: Arc<Notify>) {
     }
 }
 
+/// Whether a wake-up last given at `last` (see [`Remote::woken`]) allows another at `now`.
+fn wake_due(last: u64, now: u64) -> bool {
+    let interval = u64::try_from(WAKE_INTERVAL.as_millis()).unwrap_or(u64::MAX);
+    last == 0 || now.saturating_sub(last) >= interval
+}
+
 /// The wait before the next try after `failures` failed fetches in a row: 1 s, doubling.
 fn retry_after(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.saturating_sub(1).min(12))
@@ -239,6 +319,7 @@ pub fn parse_url(s: &str) -> Result<Uri, String> {
     if authority.host().is_empty() {
         return Err("the URL has no host".to_owned());
     }
+    port(authority.as_str())?;
     match url.scheme_str() {
         Some("https") => Ok(url),
         Some("http") if is_loopback(authority.host()) => Ok(url),
@@ -248,6 +329,23 @@ pub fn parse_url(s: &str) -> Result<Uri, String> {
                 .to_owned(),
         ),
         _ => Err("must be an https:// URL".to_owned()),
+    }
+}
+
+/// The port of `authority` (`host`, `host:port`, `[v6]:port`), if it has one: 1 to 65535.
+fn port(authority: &str) -> Result<Option<u16>, String> {
+    let after_host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(_, rest)| rest),
+        None => authority.find(':').map_or("", |at| &authority[at..]),
+    };
+    let Some(port) = after_host.strip_prefix(':') else {
+        return Ok(None);
+    };
+    match port.parse::<u16>() {
+        Ok(n) if n > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(n)),
+        _ => Err(format!(
+            "{port:?} is not a port: give a number from 1 to 65535 (or none, for 443)"
+        )),
     }
 }
 
@@ -274,7 +372,7 @@ pub fn roots_from_file(path: &str) -> Result<RootCertStore, String> {
 }
 
 /// The system's CA certificates (`SSL_CERT_FILE` and `SSL_CERT_DIR` replace them when set).
-/// Read at each fetch, so an updated store is used without a restart.
+/// Read by [`Settings::tls`]: once for each config (a reload reads the store again).
 fn system_roots() -> Result<RootCertStore, String> {
     let found = rustls_native_certs::load_native_certs();
     let mut roots = RootCertStore::empty();
@@ -292,11 +390,7 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-fn client_config(roots: Option<&RootCertStore>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let roots = match roots {
-        Some(r) => r.clone(),
-        None => system_roots()?,
-    };
+fn client_config(roots: RootCertStore) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut c = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -312,7 +406,7 @@ async fn fetch(url: &Uri, settings: &Settings) -> Result<Keys, String> {
     let body = tokio::time::timeout(FETCH_TIMEOUT, get(url, settings))
         .await
         .map_err(|_| format!("no complete answer within {} s", FETCH_TIMEOUT.as_secs()))??;
-    parse_jwks(&body)
+    parse_jwks(&body, &settings.algorithms)
 }
 
 async fn get(url: &Uri, settings: &Settings) -> Result<Bytes, String> {
@@ -322,8 +416,12 @@ async fn get(url: &Uri, settings: &Settings) -> Result<Bytes, String> {
         .trim_start_matches('[')
         .trim_end_matches(']');
     let https = url.scheme_str() == Some("https");
-    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host, port))
+    let port = port(authority.as_str())?.unwrap_or(if https { 443 } else { 80 });
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .collect();
+    let tcp = connect(&addrs, CONNECT_TIMEOUT)
         .await
         .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
     let _ = tcp.set_nodelay(true);
@@ -340,13 +438,29 @@ async fn get(url: &Uri, settings: &Settings) -> Result<Bytes, String> {
     if !https {
         return exchange(TokioIo::new(tcp), req).await;
     }
-    let config = client_config(settings.roots.as_deref())?;
+    let config = settings.tls().await?;
     let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("{host}: {e}"))?;
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .map_err(|e| format!("TLS with {host}: {e}"))?;
     exchange(TokioIo::new(tls), req).await
+}
+
+/// A connection to the first of `addrs` that answers, each tried for at most `each`.
+async fn connect(addrs: &[SocketAddr], each: Duration) -> Result<tokio::net::TcpStream, String> {
+    let mut failed = Vec::new();
+    for addr in addrs {
+        match tokio::time::timeout(each, tokio::net::TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => failed.push(format!("{addr}: {e}")),
+            Err(_) => failed.push(format!("{addr}: no answer within {} s", each.as_secs_f32())),
+        }
+    }
+    if failed.is_empty() {
+        return Err("the name resolves to no address".to_owned());
+    }
+    Err(failed.join("; "))
 }
 
 /// One request on a new HTTP/1.1 connection: the body of a `200` answer, at most [`MAX_BODY`].
@@ -394,25 +508,57 @@ where
     }
 }
 
-/// The verification keys of a JWKS document (a `jwks_file`'s text, a `jwks_url`'s answer): at
-/// least one, or an error.
-pub fn parse_jwks(text: &[u8]) -> Result<Keys, String> {
-    let set: JwkSet =
-        serde_json::from_slice(text).map_err(|e| format!("not a JWKS document: {e}"))?;
+/// The verification keys of a JWKS document (a `jwks_file`'s text, a `jwks_url`'s answer) for
+/// an issuer with `algorithms`: at least one, or an error. Each key is read on its own, so a key
+/// this gateway cannot use (another curve, such as Ed448 or X25519; another `kty`; an `oct`
+/// key; one for encryption, or for another algorithm) is skipped without spoiling the others.
+pub fn parse_jwks(text: &[u8], algorithms: &[Algorithm]) -> Result<Keys, String> {
+    #[derive(serde::Deserialize)]
+    struct Set {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: Set = serde_json::from_slice(text)
+        .map_err(|e| format!("not a JWKS document ({{\"keys\": [...]}}): {e}"))?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        // Keys of other kinds (encryption keys, unsupported curves) are skipped, and so are
-        // symmetric (`oct`) keys: HMAC keys come only from `secret`.
-        if let Ok(k) = DecodingKey::from_jwk(jwk)
+    for raw in &set.keys {
+        if !for_verifying(raw, algorithms) {
+            continue;
+        }
+        let Ok(jwk) = <Jwk as serde::Deserialize>::deserialize(raw) else {
+            continue;
+        };
+        // Symmetric (`oct`) keys are skipped: HMAC keys come only from `secret`.
+        if let Ok(k) = DecodingKey::from_jwk(&jwk)
             && k.family() != jsonwebtoken::AlgorithmFamily::Hmac
         {
             keys.push((jwk.common.key_id.clone(), k));
         }
     }
     if keys.is_empty() {
-        return Err("the JWKS holds no usable verification key".to_owned());
+        return Err(format!(
+            "the JWKS holds no usable verification key (none of its {} keys is an RSA, P-256 \
+             or Ed25519 key for signatures with the issuer's algorithms)",
+            set.keys.len()
+        ));
     }
     Ok(keys)
+}
+
+/// Whether a JWK's declared use allows verifying the issuer's tokens: a `use` other than `sig`,
+/// `key_ops` without `verify`, or an `alg` not among `algorithms` (RFC 7517 §4.2–4.4) rules it
+/// out; a key that declares none of them is for any use.
+fn for_verifying(jwk: &serde_json::Value, algorithms: &[Algorithm]) -> bool {
+    let use_ok = jwk.get("use").is_none_or(|u| u == "sig");
+    let ops_ok = jwk.get("key_ops").is_none_or(|ops| {
+        ops.as_array()
+            .is_some_and(|ops| ops.iter().any(|op| op == "verify"))
+    });
+    let alg_ok = jwk.get("alg").is_none_or(|a| {
+        a.as_str()
+            .and_then(|a| a.parse::<Algorithm>().ok())
+            .is_some_and(|a| algorithms.contains(&a))
+    });
+    use_ok && ops_ok && alg_ok
 }
 
 #[cfg(test)]
@@ -437,6 +583,171 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn a_port_that_is_not_one_is_refused_not_replaced_by_the_default() {
+        for bad in [
+            "https://sso.example:84430/jwks",
+            "https://sso.example:abc/jwks",
+            "https://sso.example:0/jwks",
+            "https://sso.example:+443/jwks",
+            "https://sso.example:/jwks",
+            "https://[2001:db8::1]:99999/certs",
+            "http://127.0.0.1:65536/certs",
+        ] {
+            match parse_url(bad) {
+                Ok(u) => panic!("{bad} accepted as {u}"),
+                Err(e) => assert!(e.contains("not a port"), "{bad}: {e}"),
+            }
+        }
+        assert_eq!(port("sso.example"), Ok(None));
+        assert_eq!(port("sso.example:8443"), Ok(Some(8443)));
+        assert_eq!(port("[2001:db8::1]"), Ok(None));
+        assert_eq!(port("[2001:db8::1]:65535"), Ok(Some(65535)));
+    }
+
+    #[test]
+    fn tokens_wake_the_fetch_task_at_most_every_thirty_seconds() {
+        let ms = |s: u64| s * 1000 + 1;
+        assert!(wake_due(0, 1), "never woken: due at once");
+        assert!(!wake_due(ms(10), ms(10)));
+        assert!(!wake_due(ms(10), ms(39)));
+        assert!(wake_due(ms(10), ms(40)));
+        // The remote itself: the first call wakes, the next ones within the interval do not.
+        let r = Remote::new(
+            "sso".to_owned(),
+            parse_url("https://sso.example/jwks").unwrap(),
+            Settings::new(DEFAULT_REFRESH, vec![Algorithm::RS256], None).unwrap(),
+        );
+        r.fetch_soon();
+        let first = r.woken.load(Ordering::Relaxed);
+        assert_ne!(first, 0);
+        r.fetch_soon();
+        assert_eq!(r.woken.load(Ordering::Relaxed), first);
+    }
+
+    /// RFC 7517 A.1's RSA key, with `extra` members.
+    fn rsa(kid: &str, extra: serde_json::Value) -> serde_json::Value {
+        let mut k = serde_json::json!({
+            "kty": "RSA",
+            "kid": kid,
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB",
+        });
+        if let (Some(k), Some(extra)) = (k.as_object_mut(), extra.as_object()) {
+            k.extend(extra.clone());
+        }
+        k
+    }
+
+    fn kids(doc: &serde_json::Value, algorithms: &[Algorithm]) -> Result<Vec<String>, String> {
+        let keys = parse_jwks(doc.to_string().as_bytes(), algorithms)?;
+        Ok(keys
+            .into_iter()
+            .map(|(kid, _)| kid.unwrap_or_default())
+            .collect())
+    }
+
+    #[test]
+    fn a_key_the_library_cannot_read_is_skipped_not_fatal() {
+        use serde_json::json;
+        let ed448 = json!({"kty": "OKP", "crv": "Ed448", "kid": "ed448",
+            "x": "X9dEm1m0Yf0s54fsYWrUah2hNCSFpw4fig6nXYDpZ3jt8SR2m0bHBhvWeD3x5Q9s0foavq_oJWGA"});
+        let x25519 = json!({"kty": "OKP", "crv": "X25519", "kid": "x25519",
+            "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"});
+        let k256 = json!({"kty": "EC", "crv": "secp256k1", "kid": "k256",
+            "x": "WfY7Px6AgH6x-_dgAoRbg8weYRJA36ON-gQiFnETrqw",
+            "y": "ZfU_K6vXbvqi0WV5TGmqMXXwN8V-MxHfU0NVEgkoEDo"});
+        let future = json!({"kty": "AKP", "alg": "ML-DSA-44", "kid": "pq", "pub": "AAAA"});
+        let doc = json!({"keys": [ed448, x25519, k256, future, rsa("rsa-1", json!({}))]});
+        assert_eq!(
+            kids(&doc, &[Algorithm::RS256]),
+            Ok(vec!["rsa-1".to_owned()])
+        );
+        // Nothing usable at all: an error, naming how many keys there were.
+        let doc = json!({"keys": [ed448, x25519]});
+        let e = kids(&doc, &[Algorithm::EdDSA]).unwrap_err();
+        assert!(
+            e.contains("no usable verification key (none of its 2 keys"),
+            "{e}"
+        );
+        // Not a JWKS document at all.
+        for bad in [json!([]), json!({"keys": {}}), json!({"key": []})] {
+            let e = kids(&bad, &[Algorithm::RS256]).unwrap_err();
+            assert!(e.starts_with("not a JWKS document"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn keys_declared_for_something_else_are_skipped() {
+        use serde_json::json;
+        let doc = json!({"keys": [
+            // Keycloak publishes its encryption key next to its signing key.
+            rsa("enc", json!({"use": "enc", "alg": "RSA-OAEP"})),
+            rsa("enc-use-only", json!({"use": "enc"})),
+            rsa("oaep-alg-only", json!({"alg": "RSA-OAEP-256"})),
+            rsa("ops-encrypt", json!({"key_ops": ["encrypt", "wrapKey"]})),
+            rsa("ops-not-a-list", json!({"key_ops": "verify"})),
+            rsa("other-alg", json!({"alg": "PS256"})),
+            rsa("rs384", json!({"alg": "RS384"})),
+            rsa("alg-not-a-string", json!({"alg": 256})),
+            rsa("sig", json!({"use": "sig", "alg": "RS256"})),
+            rsa("ops-verify", json!({"key_ops": ["verify"]})),
+            rsa("plain", json!({})),
+        ]});
+        assert_eq!(
+            kids(&doc, &[Algorithm::RS256, Algorithm::ES256]),
+            Ok(vec![
+                "sig".to_owned(),
+                "ops-verify".to_owned(),
+                "plain".to_owned()
+            ])
+        );
+        // An issuer without RS256 takes none of the RSA keys that declare it.
+        let doc = json!({"keys": [rsa("sig", json!({"alg": "RS256"}))]});
+        assert!(kids(&doc, &[Algorithm::EdDSA]).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_does_not_keep_the_others_from_being_tried() {
+        // A listener whose accept queue is full drops new SYNs, as a black-holed address does:
+        // backlog 0 takes one connection, never accepted, and then no more.
+        let hole = tokio::net::TcpSocket::new_v4().unwrap();
+        hole.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let hole = hole.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap();
+        let _queued = tokio::net::TcpStream::connect(hole_addr).await.unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let each = Duration::from_millis(300);
+        // Bounded well below the system's own connect timeout (minutes).
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(5),
+            connect(&[hole_addr, refused, good_addr], each),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connect waited on the address that never answers"))
+        .unwrap();
+        assert_eq!(tcp.peer_addr().ok(), Some(good_addr));
+        // When none answers, each address says why.
+        let e = connect(&[hole_addr, refused], each)
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert!(
+            e.contains(&format!("{hole_addr}: no answer within 0.3 s")),
+            "{e}"
+        );
+        assert!(e.contains(&format!("{refused}: ")), "{e}");
+        assert_eq!(
+            connect(&[], each).await.map(|_| ()).unwrap_err(),
+            "the name resolves to no address"
+        );
     }
 
     #[test]

@@ -10,6 +10,14 @@
 //!
 //! An issuer's public keys come from its `jwks_file` (read with the config) or its `jwks_url`
 //! (fetched and refreshed off the request path by [`crate::jwks`], read here without a lock).
+//!
+//! A refusal is [`Refused::Invalid`] (it counts toward lockout) or [`Refused::NoKey`]: the token
+//! claims an issuer that has no key to check it with — none fetched yet from its `jwks_url`, or
+//! none with the token's `kid`, as right after the provider rotates its signing key. Such a
+//! token may well be valid, so it does not count toward lockout (an office behind one address
+//! would lock itself out), and it wakes the issuer's fetch task
+//! ([`crate::jwks::Remote::fetch_soon`], rate-limited) so that a new key is picked up soon. It
+//! cannot be accepted either way.
 
 use std::time::Duration;
 
@@ -80,7 +88,7 @@ impl Issuer {
         required: serde_json::Map<String, serde_json::Value>,
     ) -> Result<Issuer, String> {
         let mut keys = match jwks {
-            Some(text) => parse_jwks(text.as_bytes())?,
+            Some(text) => parse_jwks(text.as_bytes(), &algorithms)?,
             None => Vec::new(),
         };
         if let Some(s) = secret {
@@ -99,12 +107,14 @@ impl Issuer {
         })
     }
 
-    /// Verifies `token` for this issuer; its `sub` when valid.
-    fn verify(&self, token: &str) -> Option<String> {
+    /// Verifies `token` for this issuer; its `sub` when valid. [`Refused::NoKey`] says only
+    /// that no key could check it, whatever its `iss` ([`verify`] looks at that).
+    fn verify(&self, token: &str) -> Result<String, Refused> {
+        use Refused::Invalid;
         // An unknown `alg`, `none` among them, fails here.
-        let header = decode_header(token).ok()?;
+        let header = decode_header(token).map_err(|_| Invalid)?;
         if !self.algorithms.contains(&header.alg) {
-            return None;
+            return Err(Invalid);
         }
         let mut v = Validation::new(header.alg);
         v.algorithms = vec![header.alg];
@@ -123,21 +133,39 @@ impl Issuer {
             v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         }
         // The fetched set of a `jwks_url`, as it is now (no lock; a refresh swaps it whole).
-        let fetched = self.remote.as_ref().map(|r| r.keys());
-        let fetched: &[(Option<String>, DecodingKey)] = match fetched.as_ref() {
-            Some(guard) => match guard.as_deref() {
-                Some(set) => set,
-                None => {
-                    tracing::debug!(issuer = %self.name, "no JWKS fetched yet from jwks_url");
-                    &[]
-                }
-            },
+        let guard = self.remote.as_ref().map(|r| r.keys());
+        // A `jwks_url` whose first fetch has not succeeded yet.
+        let unfetched = guard.as_ref().is_some_and(|g| g.is_none());
+        let fetched: &[(Option<String>, DecodingKey)] = match guard.as_ref() {
+            Some(g) => g.as_deref().map_or(&[][..], Vec::as_slice),
             None => &[],
         };
-        let candidates = self.keys.iter().chain(fetched).filter(|(kid, key)| {
-            same_family(header.alg, key)
-                && (header.kid.is_none() || kid.is_none() || *kid == header.kid)
-        });
+        let mut candidates = self
+            .keys
+            .iter()
+            .chain(fetched)
+            .filter(|(kid, key)| {
+                same_family(header.alg, key)
+                    && (header.kid.is_none() || kid.is_none() || *kid == header.kid)
+            })
+            .peekable();
+        if candidates.peek().is_none() {
+            // No keys yet, or none with the token's `kid` (of any kind: a `kid` of a key of
+            // another kind is a token that does not match its key, an invalid one).
+            let unknown_kid = header.kid.as_ref().is_some_and(|want| {
+                !self
+                    .keys
+                    .iter()
+                    .chain(fetched)
+                    .any(|(kid, _)| kid.as_ref() == Some(want))
+            });
+            if unfetched || unknown_kid {
+                tracing::debug!(issuer = %self.name, kid = ?header.kid, unfetched,
+                    "no key of the issuer for the token");
+                return Err(Refused::NoKey);
+            }
+            return Err(Invalid);
+        }
         for (_, key) in candidates {
             let Ok(data) = decode::<serde_json::Value>(token, key, &v) else {
                 continue;
@@ -145,22 +173,39 @@ impl Issuer {
             let claims = data.claims;
             // `iss` exactly: one string (the crate also accepts a list that holds it).
             if claims.get("iss").and_then(|i| i.as_str()) != Some(self.issuer.as_str()) {
-                return None;
+                return Err(Invalid);
             }
             if !self
                 .required
                 .iter()
                 .all(|(k, want)| claims.get(k) == Some(want))
             {
-                return None;
+                return Err(Invalid);
             }
-            let sub = claims.get("sub")?.as_str()?;
+            let sub = claims.get("sub").and_then(|s| s.as_str()).ok_or(Invalid)?;
             let sane =
                 !sub.is_empty() && sub.len() <= MAX_SUBJECT && !sub.chars().any(char::is_control);
-            return sane.then(|| sub.to_owned());
+            return if sane {
+                Ok(sub.to_owned())
+            } else {
+                Err(Invalid)
+            };
         }
-        None
+        Err(Invalid)
     }
+}
+
+/// Why [`verify`] refused a token (both are 401 `invalid_token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// A bad signature, an unlisted algorithm, a claim that does not hold, not a JWT…: counts
+    /// toward lockout.
+    Invalid,
+    /// The token claims (`iss`, unverified) an issuer that has no key to check it with: none
+    /// fetched yet from its `jwks_url`, or none with the token's `kid`. It may be valid (the
+    /// provider has just rotated its key), so it does not count toward lockout; the issuer's
+    /// JWKS is fetched again soon.
+    NoKey,
 }
 
 /// Whether `credential` has the shape of a JWT (three base64url parts, a JSON header) rather
@@ -170,12 +215,132 @@ pub fn looks_like_jwt(credential: &str) -> bool {
 }
 
 /// Verifies `token` against `issuers` in turn: the first that accepts it gives the identity,
-/// `(index in issuers, "<issuer name>:<sub>")`.
+/// `(issuer, "<issuer name>:<sub>")`.
+///
+/// Refused, it is [`Refused::NoKey`] when an issuer the token claims (its unverified `iss`) has
+/// no key for it and no issuer it claims found it invalid; that issuer's `jwks_url` is then
+/// fetched again soon (rate-limited, off the request path). Else [`Refused::Invalid`].
 pub fn verify<'a>(
     issuers: impl IntoIterator<Item = &'a Issuer>,
     token: &str,
-) -> Option<(&'a Issuer, String)> {
-    issuers
-        .into_iter()
-        .find_map(|i| i.verify(token).map(|sub| (i, format!("{}:{sub}", i.name))))
+) -> Result<(&'a Issuer, String), Refused> {
+    let mut refusals: Vec<(&Issuer, Refused)> = Vec::new();
+    for i in issuers {
+        match i.verify(token) {
+            Ok(sub) => return Ok((i, format!("{}:{sub}", i.name))),
+            Err(r) => refusals.push((i, r)),
+        }
+    }
+    if refusals.iter().all(|(_, r)| *r == Refused::Invalid) {
+        return Err(Refused::Invalid);
+    }
+    // Only now, and only to tell which issuer the token is meant for (never to accept it): a
+    // token of issuer A must not escape lockout because issuer B has no key with its `kid`.
+    let claimed = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+        .ok()
+        .and_then(|d| d.claims.get("iss")?.as_str().map(str::to_owned));
+    let Some(claimed) = claimed else {
+        return Err(Refused::Invalid);
+    };
+    let theirs = || refusals.iter().filter(|(i, _)| i.issuer == claimed);
+    if theirs().any(|(_, r)| *r == Refused::Invalid) || theirs().next().is_none() {
+        return Err(Refused::Invalid);
+    }
+    for (i, _) in theirs() {
+        if let Some(remote) = &i.remote {
+            remote.fetch_soon();
+        }
+    }
+    Err(Refused::NoKey)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use serde_json::json;
+
+    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    /// An RS256 issuer `name` for `iss` whose JWKS holds one RSA key, `kid` `rsa-1`.
+    fn issuer(name: &str, iss: &str) -> Issuer {
+        let jwks = json!({"keys": [{
+            "kty": "RSA", "kid": "rsa-1", "e": "AQAB",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+        }]});
+        Issuer::new(
+            name.to_owned(),
+            iss.to_owned(),
+            Vec::new(),
+            vec![Algorithm::RS256],
+            Some(&jwks.to_string()),
+            None,
+            Duration::from_secs(30),
+            serde_json::Map::new(),
+        )
+        .unwrap()
+    }
+
+    /// A token with `header` and `claims` and a signature no key makes.
+    fn token(header: serde_json::Value, claims: serde_json::Value) -> String {
+        let part = |v: serde_json::Value| B64.encode(v.to_string());
+        format!(
+            "{}.{}.{}",
+            part(header),
+            part(claims),
+            B64.encode([7u8; 256])
+        )
+    }
+
+    fn refusal(issuers: &[&Issuer], token: &str) -> Refused {
+        match verify(issuers.iter().copied(), token) {
+            Ok((_, who)) => panic!("accepted as {who}"),
+            Err(r) => r,
+        }
+    }
+
+    #[test]
+    fn a_kid_the_claimed_issuer_lacks_is_no_key_and_anything_else_invalid() {
+        let a = issuer("a", "https://a.example/");
+        let claims = |iss: &str| json!({"iss": iss, "sub": "alice", "exp": 4_000_000_000u64});
+        let rs = |kid: &str| json!({"alg": "RS256", "typ": "JWT", "kid": kid});
+        let new_kid = token(rs("rsa-2"), claims("https://a.example/"));
+        assert_eq!(refusal(&[&a], &new_kid), Refused::NoKey);
+        // A known kid with a bad signature.
+        let forged = token(rs("rsa-1"), claims("https://a.example/"));
+        assert_eq!(refusal(&[&a], &forged), Refused::Invalid);
+        // An unknown kid for another issuer than any of the route's.
+        let elsewhere = token(rs("rsa-2"), claims("https://b.example/"));
+        assert_eq!(refusal(&[&a], &elsewhere), Refused::Invalid);
+        // No kid: every key of the kind is tried, so a failure is an invalid token.
+        let no_kid = token(
+            json!({"alg": "RS256", "typ": "JWT"}),
+            claims("https://a.example/"),
+        );
+        assert_eq!(refusal(&[&a], &no_kid), Refused::Invalid);
+        // An algorithm the issuer does not list, a payload that is not JSON.
+        let es = token(
+            json!({"alg": "ES256", "kid": "x"}),
+            claims("https://a.example/"),
+        );
+        assert_eq!(refusal(&[&a], &es), Refused::Invalid);
+        let [h, _, sig] = <[&str; 3]>::try_from(new_kid.split('.').collect::<Vec<_>>()).unwrap();
+        let garbled = format!("{h}.{}.{sig}", B64.encode("not json"));
+        assert_eq!(refusal(&[&a], &garbled), Refused::Invalid);
+    }
+
+    #[test]
+    fn with_several_issuers_an_invalid_verdict_of_a_claimed_one_wins() {
+        let a = issuer("a", "https://a.example/");
+        let b = issuer("b", "https://b.example/");
+        let claims = json!({"iss": "https://a.example/", "sub": "alice", "exp": 4_000_000_000u64});
+        // `b` lacks the kid too, but the token is not `b`'s: still no key.
+        let new_kid = token(json!({"alg": "RS256", "kid": "rsa-2"}), claims.clone());
+        assert_eq!(refusal(&[&b, &a], &new_kid), Refused::NoKey);
+        // A second issuer of the same `iss` that has the kid finds the forgery invalid.
+        let mut a2 = issuer("a2", "https://a.example/");
+        a2.keys[0].0 = Some("rsa-2".to_owned());
+        assert_eq!(refusal(&[&a, &a2], &new_kid), Refused::Invalid);
+        assert_eq!(refusal(&[&a2, &a], &new_kid), Refused::Invalid);
+    }
 }

@@ -1,7 +1,8 @@
 //! `[[issuers]] jwks_url` (SPEC §10): the issuer's JWKS fetched over HTTPS off the request path,
 //! refreshed every `jwks_refresh`, the last good set kept when a fetch fails (a warning line and
 //! `portcullis_jwks_refresh_errors_total{issuer}`), kept across a reload, and no token of the
-//! issuer accepted before a first fetch succeeds. The JWKS server is a real HTTPS server in the
+//! issuer accepted before a first fetch succeeds; a token naming a key not fetched yet wakes a
+//! fetch and does not count toward lockout. The JWKS server is a real HTTPS server in the
 //! test (hyper over rustls, an rcgen certificate) whose answer the test changes; waits are on
 //! its requests and on the gateway's log lines, never on the clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -84,14 +85,19 @@ fn key_b() -> &'static SigningKey {
 
 /// A valid token for `sub` signed with `key` (its `kid` in the header).
 fn token(key: &SigningKey, sub: &str) -> String {
+    token_as(&key.enc, &key.kid, sub)
+}
+
+/// A token for `sub` signed with `enc`, naming `kid` (a forgery when that is another key's).
+fn token_as(enc: &EncodingKey, kid: &str, sub: &str) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
     let claims = json!({ "iss": ISS, "sub": sub, "aud": AUD, "iat": now, "exp": now + 300 });
     let mut h = Header::new(Algorithm::RS256);
-    h.kid = Some(key.kid.clone());
-    encode(&h, &claims, &key.enc).unwrap()
+    h.kid = Some(kid.to_owned());
+    encode(&h, &claims, enc).unwrap()
 }
 
 /// A JWKS document holding the public halves of `keys`.
@@ -328,6 +334,18 @@ fn ca_file(pki: &Pki, dir: &Path) -> std::path::PathBuf {
     path
 }
 
+/// A CA certificate of another CA (its own name: the test CA's is not found in a store of it).
+fn other_ca_pem() -> String {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Another CA, not the provider's");
+    params.self_signed(&key).unwrap().pem()
+}
+
 /// `GET /v1/x` with `token`: (status, error code).
 async fn get(gw: &Gateway, token: &str) -> (u16, String) {
     let (s, r) = send(
@@ -375,6 +393,18 @@ const FETCHED: &str = "JWKS fetched";
 const KEPT: &str = "JWKS refresh failed; keeping the last good key set";
 const NONE_YET: &str = "JWKS fetch failed; the issuer's tokens are refused until one succeeds";
 const RECOVERED: &str = "JWKS fetch works again";
+const REFRESHED: &str = "JWKS refreshed";
+const WOKEN: &str = "a token names a key not in the issuer's JWKS; fetching the JWKS again";
+
+/// `config` with `lockout_failures` instead of 1000.
+fn with_lockout(cfg: &str, failures: u32) -> String {
+    let out = cfg.replace(
+        "lockout_failures = 1000",
+        &format!("lockout_failures = {failures}"),
+    );
+    assert_ne!(out, cfg);
+    out
+}
 
 /// `portcullis_jwks_refresh_errors_total{issuer="…"}` from the admin listener.
 async fn refresh_errors(gw: &Gateway, issuer: &str) -> Option<u64> {
@@ -523,12 +553,16 @@ async fn tokens_are_refused_until_a_first_fetch_succeeds() {
     // Nothing answers at startup: each connection is closed at once.
     let server = JwksServer::start(&pki, Answer::Close).await;
     let up = upstream().await;
-    let gw = Gateway::start(&config(&up, &server.url(), Some(&ca), "")).await;
+    let cfg = with_lockout(&config(&up, &server.url(), Some(&ca), ""), 2);
+    let gw = Gateway::start(&cfg).await;
 
     let warned = wait_logged(&gw, NONE_YET, "sso", 1).await;
     assert_eq!(warned[0]["level"], "WARN", "{}", warned[0]);
     let ta = token(a, "alice");
-    refused(&gw, &ta, "before any JWKS was fetched").await;
+    // Refused, but not counted toward lockout (2 failures): the tokens may well be valid.
+    for _ in 0..3 {
+        refused(&gw, &ta, "before any JWKS was fetched").await;
+    }
     assert!(up.seen().is_empty());
     assert!(refresh_errors(&gw, "sso").await.unwrap() >= 1);
 
@@ -547,17 +581,24 @@ async fn answers_that_are_no_usable_jwks_are_failed_fetches_and_an_unknown_ca_is
     let ca = ca_file(&pki, dir.path());
     let server = JwksServer::start(&pki, Answer::Jwks(jwks(&[a]))).await;
     let up = upstream().await;
-    // A second issuer at the same server without the test CA: the system's roots do not hold it.
+    // A second issuer at the same server without the test CA: the system's roots (replaced by
+    // another CA's, so that the answer does not depend on this machine's store) do not hold it.
     let stranger = format!(
         "[[issuers]]\nname = \"stranger\"\nissuer = \"{ISS}\"\nalgorithms = [\"RS256\"]\n\
          jwks_url = \"{}\"\n",
         server.url()
     );
-    let gw = Gateway::start(&config(&up, &server.url(), Some(&ca), &stranger)).await;
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other_ca_pem()).unwrap();
+    let gw = Gateway::start_with_env(
+        &config(&up, &server.url(), Some(&ca), &stranger),
+        &[("SSL_CERT_FILE", other_ca.to_str().unwrap())],
+    )
+    .await;
     wait_logged(&gw, FETCHED, "sso", 1).await;
     let refused_ca = wait_logged(&gw, NONE_YET, "stranger", 1).await;
     let e = refused_ca[0]["fields"]["error"].as_str().unwrap();
-    assert!(e.contains("certificate"), "{e}");
+    assert!(e.contains("invalid peer certificate: UnknownIssuer"), "{e}");
     let ta = token(a, "alice");
 
     let cases = [
@@ -593,6 +634,77 @@ async fn answers_that_are_no_usable_jwks_are_failed_fetches_and_an_unknown_ca_is
     assert_nothing_secret_logged(&gw, &[&ta]);
 }
 
+#[tokio::test]
+async fn a_token_of_a_key_not_fetched_yet_wakes_a_fetch_and_does_not_count_toward_lockout() {
+    let (a, b) = (key_a(), key_b());
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_file(&pki, dir.path());
+    let server = JwksServer::start(&pki, Answer::Jwks(jwks(&[a]))).await;
+    let up = upstream().await;
+    // Lockout after 2 failures; the next scheduled refresh an hour away.
+    let cfg = with_lockout(&config(&up, &server.url(), Some(&ca), ""), 2)
+        .replace("jwks_refresh = \"1s\"", "jwks_refresh = \"1h\"");
+    let gw = Gateway::start(&cfg).await;
+    wait_logged(&gw, FETCHED, "sso", 1).await;
+    assert_eq!(server.arrivals(), 1);
+
+    // The provider rotates to key B; its users' tokens arrive before the gateway has it.
+    server.answer(Answer::Jwks(jwks(&[a, b])));
+    let (ta, tb) = (token(a, "alice"), token(b, "bob"));
+    for _ in 0..3 {
+        refused(&gw, &tb, "key B, not fetched yet").await;
+    }
+    // Not counted toward lockout: three of them, and the address is not locked out.
+    accepted(&gw, &ta, "key A after three tokens of key B").await;
+
+    // The first of them woke the fetch task (once: the others came within 30 s of it), which
+    // took key B in without waiting for jwks_refresh.
+    let woken = wait_logged(&gw, WOKEN, "sso", 1).await;
+    assert_eq!(woken[0]["level"], "INFO", "{}", woken[0]);
+    gw.stderr
+        .wait_until(|lines| {
+            let found = logged(lines, REFRESHED, "sso");
+            found.iter().any(|v| v["fields"]["keys"] == 2).then_some(())
+        })
+        .await;
+    accepted(&gw, &tb, "key B, after the woken fetch").await;
+    assert_eq!(server.arrivals(), 2, "one fetch at startup, one woken");
+    assert_eq!(logged(&gw.stderr.all(), WOKEN, "sso").len(), 1);
+
+    // An invalid token still counts: a forgery under key A's kid, twice, locks the address out.
+    let forged = token_as(&b.enc, &a.kid, "alice");
+    refused(&gw, &forged, "a forgery under a known kid").await;
+    refused(&gw, &forged, "a forgery under a known kid").await;
+    assert_eq!(get(&gw, &ta).await, (429, "locked_out".to_owned()));
+    assert_eq!(gw.events("lockout").len(), 1);
+    assert_nothing_secret_logged(&gw, &[&ta, &tb, &forged]);
+}
+
+#[tokio::test]
+async fn keys_that_cannot_be_read_or_are_not_for_signatures_are_skipped_and_the_rest_used() {
+    let (a, b) = (key_a(), key_b());
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ca_file(&pki, dir.path());
+    // An Ed448 key (a curve the library does not read), key B published for encryption only
+    // (as Keycloak publishes its RSA-OAEP key), and key A.
+    let ed448 = json!({"kty": "OKP", "crv": "Ed448", "kid": "ed448",
+        "x": "X9dEm1m0Yf0s54fsYWrUah2hNCSFpw4fig6nXYDpZ3jt8SR2m0bHBhvWeD3x5Q9s0foavq_oJWGA"});
+    let mut b_enc = b.jwk.clone();
+    b_enc["use"] = json!("enc");
+    b_enc["alg"] = json!("RSA-OAEP");
+    let doc = json!({ "keys": [ed448, b_enc, a.jwk] }).to_string();
+    let server = JwksServer::start(&pki, Answer::Jwks(doc)).await;
+    let up = upstream().await;
+    let gw = Gateway::start(&config(&up, &server.url(), Some(&ca), "")).await;
+    let fetched = wait_logged(&gw, FETCHED, "sso", 1).await;
+    assert_eq!(fetched[0]["fields"]["keys"], 1, "{}", fetched[0]);
+    accepted(&gw, &token(a, "alice"), "key A, next to keys it cannot use").await;
+    refused(&gw, &token(b, "bob"), "key B, published for encryption").await;
+    assert_eq!(refresh_errors(&gw, "sso").await, Some(0));
+}
+
 // ---------------------------------------------------------------- config checks
 
 /// An issuer `sso` with `lines`, and a route using it.
@@ -614,17 +726,34 @@ fn check_refuses(config: &str, fragments: &[&str]) {
 
 #[test]
 fn check_accepts_a_jwks_url_without_fetching_it() {
-    // Nothing answers at this address; check reads no network and passes.
-    let cfg = issuer_config(
-        "jwks_url = \"https://sso.invalid/realms/home/protocol/openid-connect/certs\"\n\
-         jwks_refresh = \"15m\"",
-    );
+    // A listener at the URL: a connection to it would wait in its queue, accepted or not.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let no_connection = |what: &str| match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("{what}: check connected to the jwks_url: {other:?}"),
+    };
+    let cfg = issuer_config(&format!(
+        "jwks_url = \"https://127.0.0.1:{port}/realms/home/protocol/openid-connect/certs\"\n\
+         jwks_refresh = \"15m\""
+    ));
     let (code, out, err) = check(&cfg, &[]);
     assert_eq!(code, 0, "{cfg}\nstdout: {out}\nstderr: {err}");
+    no_connection("https");
     // Plain HTTP to the machine itself is allowed.
-    let cfg = issuer_config("jwks_url = \"http://127.0.0.1:9000/certs\"");
+    let cfg = issuer_config(&format!("jwks_url = \"http://127.0.0.1:{port}/certs\""));
     let (code, _, err) = check(&cfg, &[]);
     assert_eq!(code, 0, "{err}");
+    no_connection("http");
+}
+
+#[test]
+fn a_jwks_url_with_a_port_that_is_not_one_is_refused_naming_the_key_path() {
+    for port in ["84430", "abc", "0"] {
+        let cfg = issuer_config(&format!("jwks_url = \"https://sso.example:{port}/certs\""));
+        check_refuses(&cfg, &["issuers[0].jwks_url", "is not a port"]);
+    }
 }
 
 #[test]

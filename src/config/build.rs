@@ -257,7 +257,7 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
         .map_err(|e| invalid(p("jwks_file"), e))?;
         let mut issuer = issuer;
         if let Some(u) = &r.jwks_url {
-            issuer.remote = jwks_remote(r, u, &p, env)?.map(Arc::new);
+            issuer.remote = jwks_remote(r, u, &issuer.algorithms, &p, env)?.map(Arc::new);
         }
         if let Some(b) = &r.budget {
             issuer.budget = caps(b, &p("budget"))?.into();
@@ -272,6 +272,7 @@ fn issuers(raw: &RawConfig, env: &dyn Env) -> Result<Vec<Arc<crate::jwt::Issuer>
 fn jwks_remote(
     r: &super::schema::RawIssuer,
     url: &str,
+    algorithms: &[jsonwebtoken::Algorithm],
     p: &dyn Fn(&str) -> String,
     env: &dyn Env,
 ) -> Result<Option<crate::jwks::Remote>, Invalid> {
@@ -296,10 +297,11 @@ fn jwks_remote(
         Some(f) => {
             let path = plain(f, &p("jwks_ca_file"), env)?;
             let roots = jwks::roots_from_file(&path).map_err(|m| invalid(p("jwks_ca_file"), m))?;
-            Some(Arc::new(roots))
+            Some(roots)
         }
     };
-    let settings = jwks::Settings { refresh, roots };
+    let settings = jwks::Settings::new(refresh, algorithms.to_vec(), roots)
+        .map_err(|m| invalid(p("jwks_ca_file"), m))?;
     let name = r.name.trim().to_owned();
     Ok(Some(jwks::Remote::new(name, url, settings)))
 }

@@ -289,18 +289,25 @@ pub(super) async fn authenticate(
                 failure: None,
                 key: None,
             };
-            let Some((issuer, identity)) = crate::jwt::verify(issuers, token) else {
-                crate::metrics::auth_failure(GatewayError::InvalidToken.code());
-                checks.failure = Some(&cfg.auth);
-                let v = shared
-                    .gate
-                    .admit(&checks)
-                    .await
-                    .map_err(|_| GatewayError::Overloaded)?;
-                if let Some(lock) = v.lockout_started {
-                    emit_lockout(shared, ctx.client_ip, lock);
+            let (issuer, identity) = match crate::jwt::verify(issuers, token) {
+                Ok(found) => found,
+                Err(refused) => {
+                    crate::metrics::auth_failure(GatewayError::InvalidToken.code());
+                    // A token its issuer has no key for yet (none fetched, or a `kid` it has
+                    // just rotated to) may be valid: refused, but not counted toward lockout.
+                    if refused == crate::jwt::Refused::Invalid {
+                        checks.failure = Some(&cfg.auth);
+                        let v = shared
+                            .gate
+                            .admit(&checks)
+                            .await
+                            .map_err(|_| GatewayError::Overloaded)?;
+                        if let Some(lock) = v.lockout_started {
+                            emit_lockout(shared, ctx.client_ip, lock);
+                        }
+                    }
+                    return Err(GatewayError::InvalidToken);
                 }
-                return Err(GatewayError::InvalidToken);
             };
             // A JWT subject is limited like a key, by its identity `<issuer>:<sub>`.
             let subject: std::sync::Arc<str> = std::sync::Arc::from(identity.as_str());
