@@ -7,7 +7,8 @@
 //! believable usage is charged the handshake's reservation; a response begun and never done is
 //! charged the reservation when the session ends; a metered handshake negotiates no compression
 //! (the client's offer is removed; an upstream that picks an extension anyway is refused with
-//! 502); a non-`llm` WebSocket route is not metered. The gateway is the real binary, the upstream a tungstenite server
+//! 502); a non-`llm` WebSocket route is not metered; with `[cluster]`, sessions on two instances
+//! share one cap (a session learns from Redis that another spent it). The gateway is the real binary, the upstream a tungstenite server
 //! (`support::realtime_upstream`), the ledger a SQLite file in a tempdir.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 mod support;
@@ -188,7 +189,8 @@ impl RawWs {
 
     /// Reads more bytes (bounded); panics at the end of the stream.
     async fn fill(&mut self) {
-        let mut chunk = [0u8; 64 << 10];
+        // On the heap: an array this size inside the future overflows a test thread's stack.
+        let mut chunk = vec![0u8; 64 << 10];
         let n = tokio::time::timeout(WAIT, self.tcp.read(&mut chunk))
             .await
             .expect("timed out reading from the gateway")
@@ -753,4 +755,93 @@ async fn a_metered_session_negotiates_no_compression() {
         assert_eq!(row.request_id, refused_id, "{rows:?}");
         assert_eq!(row.charged_tokens, 0, "{row:?}");
     }
+}
+
+/// The `voice` key's token spend today, as the Redis of `[cluster]` holds it.
+fn redis_spend(redis: &Redis) -> f64 {
+    let start = portcullis::llm::budget::Period::Day
+        .bounds(portcullis::clock::now_secs())
+        .0;
+    let raw = redis
+        .command(&["HGET", &format!("pcx-test:b:k:voice:0:{start}"), "t"])
+        .unwrap_or_default();
+    raw.split("\r\n")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn wait_redis_spend(redis: &Redis, want: f64) {
+    let start = std::time::Instant::now();
+    while redis_spend(redis) != want {
+        assert!(
+            start.elapsed() < WAIT,
+            "spend in Redis: {}",
+            redis_spend(redis)
+        );
+        // Polling: the charge settles in Redis off the session's path; no event to wait on.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn with_cluster_sessions_on_two_instances_share_one_cap() {
+    if !redis_available() {
+        return;
+    }
+    let redis = Redis::start();
+    let rt = realtime_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = |db: &str| {
+        format!(
+            "{}[cluster]\nredis = \"{}\"\nprefix = \"pcx-test:\"\n",
+            config(
+                &rt,
+                &dir.path().join(db),
+                "budget = { tokens_per_day = 100 }",
+                true
+            ),
+            redis.url()
+        )
+    };
+    let a = Gateway::start(&cfg("a.db")).await;
+    let b = Gateway::start(&cfg("b.db")).await;
+    // On b: two responses of 40 tokens, 80 of the key's 100; b's session ends normally.
+    let mut ws = RawWs::connect(&b).await;
+    ws.text().await;
+    ws.respond(30, 10).await;
+    ws.respond(30, 10).await;
+    wait_redis_spend(&redis, 80.0).await;
+    // On a, whose own share is nothing yet: the handshake is admitted (80 + its reservation of
+    // 10 fit), and its first response takes the key to 120. a learns that from Redis when the
+    // charge settles there, so its session is closed right after its next response.done.
+    let mut ws = RawWs::connect(&a).await;
+    ws.text().await;
+    ws.respond(30, 10).await;
+    wait_redis_spend(&redis, 120.0).await;
+    ws.respond(30, 10).await;
+    let (close, _, _) = ws.frame().await;
+    assert_eq!(
+        close,
+        [&[0x88, 17, 0x03, 0xf0][..], b"budget_exceeded"].concat(),
+        "{:?}",
+        String::from_utf8_lossy(&close)
+    );
+    wait_redis_spend(&redis, 160.0).await;
+    // Spent for both: b refuses a new session at the handshake.
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(handshake(&b)))
+        .await
+        .expect("the refused handshake timed out")
+    {
+        Err(WsError::Http(resp)) => assert_eq!(resp.status(), 429),
+        Ok(_) => panic!("a handshake was admitted with the cap spent"),
+        Err(e) => panic!("the refused handshake failed otherwise: {e}"),
+    }
+    // The 100 % line was crossed by a's first charge (80 -> 120), on a, once.
+    let events = a.wait_events("budget", 1).await;
+    assert_eq!(events[0]["threshold"], 100, "{events:?}");
+    assert_eq!(events[0]["spent"], 120.0, "{events:?}");
+    // b crossed 80 % with its second charge.
+    let events = b.wait_events("budget", 1).await;
+    assert_eq!(events[0]["threshold"], 80, "{events:?}");
 }
