@@ -521,17 +521,25 @@ pub fn parse_jwks(text: &[u8], algorithms: &[Algorithm]) -> Result<Keys, String>
         .map_err(|e| format!("not a JWKS document ({{\"keys\": [...]}}): {e}"))?;
     let mut keys = Vec::new();
     for raw in &set.keys {
-        if !for_verifying(raw, algorithms) {
+        // Each key skipped is named, with why: a token of it is then refused (as "no key"),
+        // and the log should say the key was there but not usable.
+        let kid = raw.get("kid").and_then(|k| k.as_str()).unwrap_or("");
+        let skip = |why: &str| tracing::info!(kid, why, "JWKS key skipped");
+        if let Err(why) = for_verifying(raw, algorithms) {
+            skip(why);
             continue;
         }
         let Ok(jwk) = <Jwk as serde::Deserialize>::deserialize(raw) else {
+            skip("not a key this gateway can read");
             continue;
         };
         // Symmetric (`oct`) keys are skipped: HMAC keys come only from `secret`.
-        if let Ok(k) = DecodingKey::from_jwk(&jwk)
-            && k.family() != jsonwebtoken::AlgorithmFamily::Hmac
-        {
-            keys.push((jwk.common.key_id.clone(), k));
+        match DecodingKey::from_jwk(&jwk) {
+            Ok(k) if k.family() != jsonwebtoken::AlgorithmFamily::Hmac => {
+                keys.push((jwk.common.key_id.clone(), k));
+            }
+            Ok(_) => skip("a symmetric key (HMAC keys come only from `secret`)"),
+            Err(_) => skip("not a key this gateway can read"),
         }
     }
     if keys.is_empty() {
@@ -546,8 +554,16 @@ pub fn parse_jwks(text: &[u8], algorithms: &[Algorithm]) -> Result<Keys, String>
 
 /// Whether a JWK's declared use allows verifying the issuer's tokens: a `use` other than `sig`,
 /// `key_ops` without `verify`, or an `alg` not among `algorithms` (RFC 7517 §4.2–4.4) rules it
-/// out; a key that declares none of them is for any use.
-fn for_verifying(jwk: &serde_json::Value, algorithms: &[Algorithm]) -> bool {
+/// out; a key that declares none of them is for any use. EC keys must be on P-256 (ES256) and
+/// OKP keys Ed25519 (EdDSA): the library reads other curves' keys without checking the curve.
+/// `Err`: why not.
+fn for_verifying(jwk: &serde_json::Value, algorithms: &[Algorithm]) -> Result<(), &'static str> {
+    let curve = |want: &str| jwk.get("crv").is_some_and(|c| c == want);
+    match jwk.get("kty").and_then(|k| k.as_str()) {
+        Some("EC") if !curve("P-256") => return Err("an EC key not on P-256 (ES256)"),
+        Some("OKP") if !curve("Ed25519") => return Err("an OKP key not Ed25519 (EdDSA)"),
+        _ => {}
+    }
     let use_ok = jwk.get("use").is_none_or(|u| u == "sig");
     let ops_ok = jwk.get("key_ops").is_none_or(|ops| {
         ops.as_array()
@@ -555,10 +571,20 @@ fn for_verifying(jwk: &serde_json::Value, algorithms: &[Algorithm]) -> bool {
     });
     let alg_ok = jwk.get("alg").is_none_or(|a| {
         a.as_str()
+            // RFC 9864's fully specified name for EdDSA with Ed25519.
+            .map(|a| if a == "Ed25519" { "EdDSA" } else { a })
             .and_then(|a| a.parse::<Algorithm>().ok())
             .is_some_and(|a| algorithms.contains(&a))
     });
-    use_ok && ops_ok && alg_ok
+    if !use_ok {
+        Err("declared for a use other than signatures (`use`)")
+    } else if !ops_ok {
+        Err("its `key_ops` do not include verify")
+    } else if !alg_ok {
+        Err("its `alg` is not one of the issuer's algorithms")
+    } else {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -677,6 +703,32 @@ mod tests {
             let e = kids(&bad, &[Algorithm::RS256]).unwrap_err();
             assert!(e.starts_with("not a JWKS document"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn ec_keys_off_p256_are_skipped_though_the_library_would_read_them() {
+        use serde_json::json;
+        // A P-384 point: the library builds a key from any coordinates, whatever `crv` says.
+        let p384 = json!({"kty": "EC", "crv": "P-384", "kid": "p384",
+            "x": "iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLiKU7JuNT3E7ygsfE7ygAK5l2NcJLhRjG0bf",
+            "y": "BbFIg8sYD8qUYpzV6bnOVkGyhKKZx4d8yjDSsNz-7W-iYvl4ylZ6zR2DeA1Wq_lc"});
+        let no_crv = json!({"kty": "OKP", "kid": "okp",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+        let doc = json!({"keys": [p384, no_crv, rsa("rsa-1", json!({}))]});
+        assert_eq!(
+            kids(
+                &doc,
+                &[Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+            ),
+            Ok(vec!["rsa-1".to_owned()])
+        );
+        // RFC 9864's `alg: "Ed25519"` is EdDSA.
+        let ed = json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "alg": "Ed25519",
+            "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"});
+        assert_eq!(
+            kids(&json!({"keys": [ed]}), &[Algorithm::EdDSA]),
+            Ok(vec!["ed".to_owned()])
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! JWT verification (SPEC §10): tokens of an identity provider, signed RS256, ES256 or EdDSA
 //! (keys from a JWKS file) or HS256 (the issuer's `secret`), accepted on `auth = "jwt"` and
 //! `"key_or_jwt"` routes as the identity `<issuer name>:<sub>`; every invalid token refused with
-//! 401 `invalid_token` (counting toward lockout), the algorithm-confusion attack included; the
+//! 401 `invalid_token` (counting toward lockout, except a token whose `kid` the issuer has no key
+//! for: see tests/jwt_jwks.rs), the algorithm-confusion attack included; the
 //! per-key limit per subject; JWKS rotation by reload; no subject in metrics; config errors named
 //! by key path. Keys are made with the `openssl` CLI, tokens signed with `jsonwebtoken`; the
 //! gateway is the real binary, the upstreams the servers of `tests/support/`.
