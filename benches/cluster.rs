@@ -24,13 +24,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+#[path = "../tests/support/resp.rs"]
+mod resp;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,16 +84,7 @@ fn run_upstream() {
 
 // ------------------------------------------------------------------ processes
 
-/// A child of this process; killed (by its PID, SIGKILL) and reaped when dropped, so a failing
-/// bench leaves nothing running.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Proc;
 
 fn start_upstream() -> (Proc, SocketAddr) {
     let mut child = Command::new("taskset")
@@ -168,19 +161,7 @@ impl Redis {
 
     /// One command in RESP on a new connection; the raw answer (`None`: no connection).
     fn command(&self, args: &[&str]) -> Option<String> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let mut req = format!("*{}\r\n", args.len());
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes()).ok()?;
-        // Redis answers, then closes a connection whose client has shut its side.
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
+        resp::command(SocketAddr::from(([127, 0, 0, 1], self.port)), None, args)
     }
 
     /// `INFO commandstats` as command name -> calls.

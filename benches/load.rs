@@ -11,7 +11,7 @@ mod common;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -147,13 +147,7 @@ fn run_upstream() {
 
 // ------------------------------------------------------------------ processes
 
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Proc;
 
 fn rss_kib(pid: u32) -> u64 {
     common::vm_rss_kib(pid)

@@ -474,15 +474,7 @@ async fn post_chat(gw: &Gateway, query: &str, body: &str) -> (u16, String) {
 
 /// The phone key's token spend today, as Redis holds it.
 fn redis_spend(redis: &Redis) -> f64 {
-    let now = portcullis::clock::now_secs();
-    let start = portcullis::llm::budget::Period::Day.bounds(now).0;
-    let raw = redis
-        .command(&["HGET", &format!("pcx-test:b:k:phone:0:{start}"), "t"])
-        .unwrap_or_default();
-    raw.split("\r\n")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    redis.day_tokens("k:phone")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,15 +551,7 @@ async fn a_token_budget_shared_by_two_instances_is_not_overspent_and_outlives_th
     assert_eq!(ok, 10);
     // Settled in Redis by their real usage, 24 tokens each (settling is off the request's
     // path: wait for it).
-    let start = Instant::now();
-    while redis_spend(&redis) < 240.0 {
-        assert!(
-            start.elapsed() < WAIT,
-            "spend in Redis: {}",
-            redis_spend(&redis)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-    }
+    redis.wait_day_tokens("k:phone", 240.0).await;
     assert_eq!(redis_spend(&redis), 240.0);
     drop((a, b));
 
@@ -596,15 +580,7 @@ async fn a_token_budget_shared_by_two_instances_is_not_overspent_and_outlives_th
     ))
     .await;
     assert_eq!(post_chat(&gw, "", &small).await.0, 200);
-    let start = Instant::now();
-    while redis_spend(&redis) < 256.0 {
-        assert!(
-            start.elapsed() < WAIT,
-            "spend in Redis: {}",
-            redis_spend(&redis)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-    }
+    redis.wait_day_tokens("k:phone", 256.0).await;
     // Nothing is held any more, and everything expires.
     let holds = redis
         .command(&["ZCARD", "pcx-test:r:k:phone"])
@@ -713,15 +689,7 @@ async fn a_shared_budgets_events_are_written_once_by_the_instance_whose_charge_c
     for (n, gw) in [(1, &a), (2, &b), (3, &a)] {
         assert_eq!(post_chat(gw, "", &small).await.0, 200);
         // Settled in Redis before the next one (settling is off the request's path).
-        let start = Instant::now();
-        while redis_spend(&redis) < f64::from(16 * n) {
-            assert!(
-                start.elapsed() < WAIT,
-                "spend in Redis: {}",
-                redis_spend(&redis)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-        }
+        redis.wait_day_tokens("k:phone", f64::from(16 * n)).await;
     }
     // 32 -> 48 crossed 80 % and 100 % at once, on a: both events there, once each.
     let events = a.wait_events("budget", 2).await;
@@ -761,15 +729,7 @@ fn cluster_errors_of(metrics: &str, op: &str) -> u64 {
 }
 
 async fn wait_spend(redis: &Redis, want: f64) {
-    let start = Instant::now();
-    while redis_spend(redis) != want {
-        assert!(
-            start.elapsed() < WAIT,
-            "spend in Redis: {} (want {want})",
-            redis_spend(redis)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-    }
+    redis.wait_day_tokens("k:phone", want).await;
 }
 
 #[tokio::test]
@@ -1012,40 +972,16 @@ async fn a_keys_users_caps_hold_across_instances() {
             .body(small.clone());
         async move { req.send().await.unwrap().status().as_u16() }
     };
-    let user_spend = |user: &str| {
-        let start = portcullis::llm::budget::Period::Day
-            .bounds(portcullis::clock::now_secs())
-            .0;
-        let raw = redis
-            .command(&["HGET", &format!("pcx-test:b:u:phone:{user}:0:{start}"), "t"])
-            .unwrap_or_default();
-        raw.split("\r\n")
-            .nth(1)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     for (n, gw) in [(1.0, &a), (2.0, &b)] {
         assert_eq!(ask(gw, "alice").await, 200);
-        let start = Instant::now();
-        while user_spend("alice") < 16.0 * n {
-            assert!(
-                start.elapsed() < WAIT,
-                "alice's spend: {}",
-                user_spend("alice")
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-        }
+        redis.wait_day_tokens("u:phone:alice", 16.0 * n).await;
     }
     // alice's third is refused on either instance; bob has his own 40.
     assert_eq!(ask(&a, "alice").await, 429);
     assert_eq!(ask(&b, "alice").await, 429);
     assert_eq!(ask(&a, "bob").await, 200);
     // The key's spend is the sum of its users'.
-    let start = Instant::now();
-    while redis_spend(&redis) < 48.0 {
-        assert!(start.elapsed() < WAIT, "key spend: {}", redis_spend(&redis));
-        tokio::time::sleep(Duration::from_millis(20)).await; // polling: no event to wait on
-    }
+    redis.wait_day_tokens("k:phone", 48.0).await;
     assert_eq!(redis_spend(&redis), 48.0);
     assert_all_keys_expire(&redis);
 }

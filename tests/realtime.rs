@@ -757,33 +757,6 @@ async fn a_metered_session_negotiates_no_compression() {
     }
 }
 
-/// The `voice` key's token spend today, as the Redis of `[cluster]` holds it.
-fn redis_spend(redis: &Redis) -> f64 {
-    let start = portcullis::llm::budget::Period::Day
-        .bounds(portcullis::clock::now_secs())
-        .0;
-    let raw = redis
-        .command(&["HGET", &format!("pcx-test:b:k:voice:0:{start}"), "t"])
-        .unwrap_or_default();
-    raw.split("\r\n")
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait_redis_spend(redis: &Redis, want: f64) {
-    let start = std::time::Instant::now();
-    while redis_spend(redis) != want {
-        assert!(
-            start.elapsed() < WAIT,
-            "spend in Redis: {}",
-            redis_spend(redis)
-        );
-        // Polling: the charge settles in Redis off the session's path; no event to wait on.
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn with_cluster_sessions_on_two_instances_share_one_cap() {
     if !redis_available() {
@@ -811,14 +784,14 @@ async fn with_cluster_sessions_on_two_instances_share_one_cap() {
     ws.text().await;
     ws.respond(30, 10).await;
     ws.respond(30, 10).await;
-    wait_redis_spend(&redis, 80.0).await;
+    redis.wait_day_tokens("k:voice", 80.0).await;
     // On a, whose own share is nothing yet: the handshake is admitted (80 + its reservation of
     // 10 fit), and its first response takes the key to 120. a learns that from Redis when the
     // charge settles there, so its session is closed right after its next response.done.
     let mut ws = RawWs::connect(&a).await;
     ws.text().await;
     ws.respond(30, 10).await;
-    wait_redis_spend(&redis, 120.0).await;
+    redis.wait_day_tokens("k:voice", 120.0).await;
     ws.respond(30, 10).await;
     let (close, _, _) = ws.frame().await;
     assert_eq!(
@@ -827,7 +800,7 @@ async fn with_cluster_sessions_on_two_instances_share_one_cap() {
         "{:?}",
         String::from_utf8_lossy(&close)
     );
-    wait_redis_spend(&redis, 160.0).await;
+    redis.wait_day_tokens("k:voice", 160.0).await;
     // Spent for both: b refuses a new session at the handshake.
     match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(handshake(&b)))
         .await

@@ -86,3 +86,14 @@ pub fn latency_ms(s: &str) -> Option<f64> {
     };
     v.parse::<f64>().ok().map(|n| n * scale)
 }
+
+/// A child of the bench: killed (SIGKILL, by its own PID) and reaped when dropped, so a failing
+/// bench leaves nothing running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -24,13 +24,6 @@ pub struct Checks<'a> {
     pub key: Option<(&'a Limiter, &'a Arc<str>)>,
 }
 
-impl Checks<'_> {
-    /// Whether there is anything to ask (else no round trip at all).
-    pub fn is_empty(&self) -> bool {
-        !self.lockout && self.ip.is_none() && self.failure.is_none() && self.key.is_none()
-    }
-}
-
 /// A lockout that has just begun.
 #[derive(Debug, Clone, Copy)]
 pub struct LockedOut {

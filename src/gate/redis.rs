@@ -59,10 +59,6 @@ impl Redis {
         })
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// `cluster.timeout` after a reload.
     pub fn set_timeout(&self, t: Duration) {
         self.timeout_us

@@ -447,12 +447,7 @@ impl Book {
         let users = &self.users;
         if new_user {
             if users.load(Ordering::Relaxed) >= MAX_USER_ACCOUNTS {
-                tracing::warn!(
-                    max = MAX_USER_ACCOUNTS,
-                    "user_budget: too many users to track; a new user's request is refused"
-                );
-                let end = Period::Day.bounds(now).1;
-                return Err(Duration::from_secs((end - now).max(1) as u64));
+                return Err(too_many_users(now));
             }
             // Counted under the book's lock, so the count and the accounts agree.
             users.fetch_add(1, Ordering::Relaxed);
@@ -573,14 +568,7 @@ impl Book {
                 })
             });
         if new_user && self.users.load(Ordering::Relaxed) >= MAX_USER_ACCOUNTS {
-            tracing::warn!(
-                max = MAX_USER_ACCOUNTS,
-                "user_budget: too many users to track; a new user's request is refused"
-            );
-            let end = Period::Day.bounds(now).1;
-            return Err(Refusal::Spent(Duration::from_secs(
-                (end - now).max(1) as u64
-            )));
+            return Err(Refusal::Spent(too_many_users(now)));
         }
         let scopes = redis_scopes(&applies);
         let periods = current_periods(now);
@@ -711,6 +699,7 @@ impl Reservation {
     }
 
     fn add(&self, charged: Amount, now: i64, release: bool) -> (Vec<BudgetEvent>, bool) {
+        let shared = self.book.shared.get().is_some();
         let mut events = Vec::new();
         let mut spent_out = false;
         let mut acc = self.book.lock();
@@ -730,14 +719,26 @@ impl Reservation {
                 spent_out |= is >= cap.limit;
                 events.extend(crossings(&scope, cap, was, is));
                 // Set under the lock, so the gauge follows the order of the charges. Users are
-                // never a metrics label (their number is the clients' to choose).
-                if scope.user.is_none() {
+                // never a metrics label (their number is the clients' to choose). With shared
+                // budgets the gauge shows Redis's spend (set when the charge settles there),
+                // not this instance's share.
+                if scope.user.is_none() && !shared {
                     publish(&scope, cap, is);
                 }
             }
         }
         (events, spent_out)
     }
+}
+
+/// A new user's refusal once [`MAX_USER_ACCOUNTS`] are tracked (logged): until the day ends.
+fn too_many_users(now: i64) -> Duration {
+    tracing::warn!(
+        max = MAX_USER_ACCOUNTS,
+        "user_budget: too many users to track; a new user's request is refused"
+    );
+    let end = Period::Day.bounds(now).1;
+    Duration::from_secs((end - now).max(1) as u64)
 }
 
 /// Settles `job` in Redis: writes the `budget` events of the lines it crossed and sets the

@@ -11,6 +11,7 @@ mod gateway;
 mod pki;
 mod raw;
 mod redis;
+mod resp;
 mod upstream;
 
 // Every test binary compiles this tree but uses only some of it: a re-export that one binary

@@ -3,8 +3,7 @@
 //! stopped (SIGKILL, by PID) when dropped. Without redis-server the tests that need it skip,
 //! unless `PORTCULLIS_REDIS_TESTS=1` (set by `.ci/run`) makes that a failure.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -136,21 +135,7 @@ impl Redis {
 
     /// One command in RESP, its raw answer (`None`: no connection).
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut s = TcpStream::connect_timeout(&self.addr(), Duration::from_secs(1)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let mut req = String::new();
-        if let Some(p) = &self.password {
-            req.push_str(&format!("*2\r\n$4\r\nAUTH\r\n${}\r\n{p}\r\n", p.len()));
-        }
-        req.push_str(&format!("*{}\r\n", args.len()));
-        for a in args {
-            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        s.write_all(req.as_bytes()).ok()?;
-        let _ = s.shutdown(std::net::Shutdown::Write);
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
+        super::resp::command(self.addr(), self.password.as_deref(), args)
     }
 
     /// Every key (KEYS *: fine for a test's own small server).
@@ -181,5 +166,36 @@ impl Redis {
 impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The key prefix the `[cluster]` tests configure.
+pub const REDIS_PREFIX: &str = "pcx-test:";
+
+impl Redis {
+    /// The tokens a budget scope (`k:<key id>`, `u:<key id>:<user>`, `*`) has spent today, as
+    /// this Redis holds them (0 when it holds nothing).
+    pub fn day_tokens(&self, scope: &str) -> f64 {
+        let now = portcullis::clock::now_secs();
+        let start = portcullis::llm::budget::Period::Day.bounds(now).0;
+        let key = format!("{REDIS_PREFIX}b:{scope}:0:{start}");
+        let raw = self.command(&["HGET", &key, "t"]).unwrap_or_default();
+        raw.split("\r\n")
+            .find_map(|l| l.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded) until `scope` has spent exactly `want` tokens today. Polling: a charge
+    /// settles in Redis off the request's path, with no event a test can wait on.
+    pub async fn wait_day_tokens(&self, scope: &str, want: f64) {
+        let start = Instant::now();
+        while self.day_tokens(scope) != want {
+            assert!(
+                start.elapsed() < super::WAIT,
+                "{scope} spent {} in Redis, want {want}",
+                self.day_tokens(scope)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
