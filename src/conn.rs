@@ -98,6 +98,11 @@ impl ConnState {
         }
     }
 
+    /// The client did something: the idle clocks start over.
+    pub fn touch(&self) {
+        self.stamp();
+    }
+
     fn stamp(&self) {
         self.last_active_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -142,6 +147,14 @@ impl Active {
         }
         conn.stamp();
         Active(conn.clone())
+    }
+
+    /// Another hold on the connection for the same request: a client body still being streamed
+    /// to the upstream after the response has ended keeps the connection busy (it is not idle,
+    /// and hyper is still reading it).
+    pub fn also(&self) -> Active {
+        self.0.inflight.fetch_add(1, Ordering::Relaxed);
+        Active(self.0.clone())
     }
 
     /// A send clock for one response of this connection, watched by its watchdog.

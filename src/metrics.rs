@@ -43,6 +43,8 @@ pub fn install() -> Result<PrometheusHandle, String> {
     }
     counter!("portcullis_connections_refused_total", "reason" => "per_ip").absolute(0);
     counter!("portcullis_audit_waits_total").absolute(0);
+    gauge!("portcullis_active_connections").set(0.0);
+    gauge!("portcullis_parked_connections").set(0.0);
     // Histograms are aggregated lazily; keep memory flat between scrapes.
     let h = handle.clone();
     tokio::spawn(async move {
@@ -66,6 +68,10 @@ fn describe() {
         "Time to the upstream's response head"
     );
     describe_gauge!("portcullis_active_connections", "Open client connections");
+    describe_gauge!(
+        "portcullis_parked_connections",
+        "Idle HTTP/1.1 keep-alive connections holding no HTTP buffers (part of the open ones)"
+    );
     describe_counter!(
         "portcullis_rate_limited_total",
         "Requests refused by a rate limit, by scope (ip, key)"
@@ -218,6 +224,16 @@ pub fn connection_opened() {
 
 pub fn connection_closed() {
     gauge!("portcullis_active_connections").decrement(1.0);
+}
+
+/// An idle HTTP/1.1 connection parked (its HTTP buffers released) or woken.
+pub fn connection_parked(parked: bool) {
+    let g = gauge!("portcullis_parked_connections");
+    if parked {
+        g.increment(1.0);
+    } else {
+        g.decrement(1.0);
+    }
 }
 
 pub fn rate_limited(route: &str, scope: &'static str) {

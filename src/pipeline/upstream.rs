@@ -201,6 +201,16 @@ async fn open_websocket(
     Ok((opened.response, tunnel))
 }
 
+/// A client body on its way to the upstream: holds the connection busy until it ends or is
+/// dropped.
+struct Uploading {
+    _busy: crate::conn::Active,
+}
+
+impl body::OnEnd for Uploading {
+    fn ended(self: Box<Self>, _: body::Ended) {}
+}
+
 /// Sends the request to the upstream and returns its answer, with the usage tap on `llm`
 /// routes. Notes how far the exchange got, for the charge.
 async fn exchange(
@@ -219,12 +229,18 @@ async fn exchange(
         ClientBody::Streaming(incoming) => {
             body_done.store(http_body::Body::is_end_stream(&incoming), Ordering::Relaxed);
             let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
+            // The connection stays busy until the body has been read or dropped, even if the
+            // response ends first (the upstream answered early): hyper reads it until then.
+            let busy = ctx
+                .active
+                .as_ref()
+                .map(|a| Box::new(Uploading { _busy: a.also() }) as Box<dyn body::OnEnd>);
             let b = Streamed::new(
                 incoming,
                 idle,
                 ctx.record.bytes_in.clone(),
                 route.max_body,
-                None,
+                busy,
             )
             .finished_flag(body_done.clone());
             http_body_util::BodyExt::boxed_unsync(b)

@@ -1,5 +1,6 @@
-//! Listeners and connections: accept, connection limit, TLS, the hyper-util auto (HTTP/1.1 +
-//! HTTP/2) server with its timers armed, and graceful drain.
+//! Listeners and connections: accept, connection limit, TLS, HTTP/1.1 or HTTP/2 (by ALPN, or by
+//! the connection's first bytes) with their timers armed, idle HTTP/1.1 connections parked
+//! without their buffers, and graceful drain.
 //!
 //! SPEC §3.4 obligations handled here:
 //! - hyper's `header_read_timeout` does nothing without a timer: the builder gets `TokioTimer`
@@ -15,9 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::pin::Pin;
+
+use bytes::Bytes;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -27,6 +32,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::runtime::Server;
 use crate::conn::{Active, ConnInfo, ConnState, IpSlot, PerIp};
 use crate::pipeline::{self, Shared};
+
+mod io;
+use io::{ClientIo, IoState};
 
 /// HTTP/2 RST_STREAM budgets (CVE-2023-44487): streams a client may open and reset before the
 /// server accepted them, and streams the server may reset for protocol errors, per connection.
@@ -50,10 +58,10 @@ pub async fn bind(addrs: &[SocketAddr]) -> Result<Listeners, (SocketAddr, std::i
     Ok(Listeners { bound })
 }
 
-pub fn builder(s: &Server) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
+/// The HTTP/1.1 side of a client connection.
+fn http1(s: &Server) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
         .header_read_timeout(s.header_timeout)
         // Slightly above max_header_bytes: the pipeline's own check answers with the SPEC's JSON
         // 431; hyper's cap (a bare 431) only catches heads far over the limit.
@@ -62,8 +70,13 @@ pub fn builder(s: &Server) -> auto::Builder<TokioExecutor> {
         // `writev` of separate slices (measured: 6 % less CPU per proxied request).
         .writev(false)
         .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
+    b
+}
+
+/// The HTTP/2 side of a client connection.
+fn http2(s: &Server) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
         .max_concurrent_streams(s.http2_max_concurrent_streams)
         .max_header_list_size(s.max_header_bytes as u32)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
@@ -256,54 +269,137 @@ fn count_peer(serve: &Serve, peer: SocketAddr) -> Result<Option<IpSlot>, ()> {
 
 async fn connection<S>(serve: Arc<Serve>, stream: S, peer: SocketAddr, state: Arc<ConnState>)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let live = serve.shared.live.load_full();
     let cfg = &live.config;
-    let tls = live.tls.clone();
     // One clock from accept: the TLS handshake and the first request head share header_timeout.
-    let first_head_deadline = Instant::now() + cfg.server.header_timeout;
+    let first_head = Instant::now() + cfg.server.header_timeout;
     let timers = Timers {
-        first_head: first_head_deadline,
+        first_head,
+        header: cfg.server.header_timeout,
         idle: cfg.server.idle_timeout,
         send: cfg.server.send_timeout,
     };
-    let builder = builder(&cfg.server);
+    let server = (http1(&cfg.server), http2(&cfg.server));
+    let tls = live.tls.clone();
     drop(live);
-    let io_args = (peer, builder, timers, state);
+    let args = Args {
+        peer,
+        server,
+        timers,
+        state,
+    };
     match tls {
-        None => serve_io(serve.clone(), TokioIo::new(stream), false, io_args).await,
-        Some(tls) => {
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            match tokio::time::timeout_at(first_head_deadline, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => serve_io(serve.clone(), TokioIo::new(s), true, io_args).await,
-                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        None => {
+            let mut stream = stream;
+            match tokio::time::timeout_at(first_head, sniff(&mut stream)).await {
+                Ok(Ok((ahead, h2))) => serve_io(serve, stream, ahead, false, h2, args).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, %peer, "connection failed before a request")
+                }
+                Err(_) => tracing::debug!(%peer, "no request head within header_timeout; closing"),
             }
         }
+        Some(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let mut s = match tokio::time::timeout_at(first_head, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            // ALPN decides; a client that named no protocol may still speak HTTP/2 directly.
+            let (ahead, h2) = match s.get_ref().1.alpn_protocol() {
+                Some(p) => (Bytes::new(), p == b"h2"),
+                None => match tokio::time::timeout_at(first_head, sniff(&mut s)).await {
+                    Ok(Ok(x)) => x,
+                    Ok(Err(e)) => {
+                        return tracing::debug!(error = %e, %peer, "connection failed before a request");
+                    }
+                    Err(_) => {
+                        return tracing::debug!(%peer, "no request head within header_timeout; closing");
+                    }
+                },
+            };
+            serve_io(serve, s, ahead, true, h2, args).await
+        }
     }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads the start of a connection until it is known whether it begins with the HTTP/2 preface
+/// (HTTP/2 with prior knowledge, RFC 9113 §3.3) or not (HTTP/1.1): the bytes read, and which.
+/// hyper-util's auto server does the same, but it cannot give a connection back to be parked.
+async fn sniff<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(Bytes, bool)> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut have = 0;
+    while have < buf.len() {
+        let n = s.read(&mut buf[have..]).await?;
+        if n == 0 {
+            break;
+        }
+        have += n;
+        if buf[..have] != H2_PREFACE[..have] {
+            break;
+        }
+    }
+    Ok((
+        Bytes::copy_from_slice(&buf[..have]),
+        buf[..have] == H2_PREFACE[..],
+    ))
 }
 
 /// A connection's deadlines, fixed at accept.
 struct Timers {
     first_head: Instant,
+    header: Duration,
     idle: Duration,
     send: Duration,
 }
 
-type IoArgs = (
-    SocketAddr,
-    auto::Builder<TokioExecutor>,
-    Timers,
-    Arc<ConnState>,
-);
+/// What a connection is served with, fixed at accept.
+struct Args {
+    peer: SocketAddr,
+    server: (http1::Builder, http2::Builder<TokioExecutor>),
+    timers: Timers,
+    state: Arc<ConnState>,
+}
 
-async fn serve_io<I>(serve: Arc<Serve>, io: I, tls: bool, args: IoArgs)
+/// An HTTP/1.1 keep-alive connection with no request for this long gives its buffers back: hyper
+/// keeps an 8 KiB read and a write buffer per connection for as long as it serves it, so an idle
+/// connection is taken from hyper (at a message boundary, with any bytes hyper had read) and
+/// only its socket is kept until the client sends again (then a new hyper connection serves
+/// it). nginx does the same, freeing its request buffers on every keep-alive wait; once a second
+/// of quiet costs a busy client nothing.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// What `drive` needs to park an HTTP/1.1 connection.
+#[derive(Clone, Copy)]
+struct Park<'a> {
+    io: &'a IoState,
+    /// Not while the request count is this (a park found a head begun; it is served first).
+    unless_requests: usize,
+}
+
+/// How a served connection ended.
+enum Ended {
+    Closed,
+    /// Idle, and hyper's close kept from the socket: the connection may be parked.
+    Parking,
+}
+
+async fn serve_io<S>(serve: Arc<Serve>, stream: S, ahead: Bytes, tls: bool, h2: bool, args: Args)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (peer, builder, timers, state) = args;
-    let (first_head_deadline, idle) = (timers.first_head, timers.idle);
+    let Args {
+        peer,
+        server: (h1_builder, h2_builder),
+        timers,
+        state,
+    } = args;
     let info = ConnInfo { peer, tls };
     let shared = serve.shared.clone();
     let st = state.clone();
@@ -319,29 +415,156 @@ where
             req,
         ))
     });
-    let conn = builder.serve_connection_with_upgrades(io, svc);
-    tokio::pin!(conn);
+    let io_state = Arc::new(IoState::default());
+    let io = ClientIo::new(stream, ahead, io_state.clone());
+    if h2 {
+        let mut conn = Box::pin(h2_builder.serve_connection(io, svc));
+        drive(&serve, &mut conn, &state, &timers, peer, None).await;
+        return;
+    }
+    let parks = PARK_AFTER < timers.header;
+    // The request count when a park found a head begun: not parked again until the next request.
+    let mut unparked_at = usize::MAX;
+    let mut conn = h1_builder.serve_connection(io, svc).with_upgrades();
+    loop {
+        let park = parks.then_some(Park {
+            io: &io_state,
+            unless_requests: unparked_at,
+        });
+        if let Ended::Closed = drive(&serve, &mut conn, &state, &timers, peer, park).await {
+            return;
+        }
+        if !io_state.end_park() {
+            // hyper was not idle after all (it answered a request with `Connection: close` and
+            // closed the socket itself).
+            return;
+        }
+        let Some(parts) = conn.into_parts() else {
+            return;
+        };
+        let hyper::server::conn::http1::Parts {
+            mut io,
+            read_buf,
+            service,
+            ..
+        } = parts;
+        io.unread(read_buf);
+        if io.has_ahead() {
+            // A request head had begun: serve it now (parking again only after it).
+            unparked_at = state.requests.load(Ordering::Relaxed);
+        } else if !parked(&serve, &mut io, &state, &timers).await {
+            close(io, timers.send).await;
+            return;
+        }
+        // The client is active again: the idle clocks start over.
+        state.touch();
+        conn = h1_builder.serve_connection(io, service).with_upgrades();
+    }
+}
+
+/// Waits, holding only the socket, until the client sends again (true, with what it sent put
+/// back for hyper), or until the connection is to close: idle for `idle_timeout`, or no request
+/// head begun within `header_timeout` of the last request (what hyper would have enforced), or
+/// shutdown.
+async fn parked<S>(serve: &Serve, io: &mut ClientIo<S>, state: &ConnState, timers: &Timers) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = state
+        .idle_deadline(timers.idle)
+        .min(state.idle_deadline(timers.header));
+    crate::metrics::connection_parked(true);
+    let mut first = [0u8; 1];
+    let woke = tokio::select! {
+        r = io.stream().read(&mut first) => matches!(r, Ok(1)),
+        _ = tokio::time::sleep_until(deadline) => false,
+        _ = serve.shutdown.cancelled() => false,
+        _ = serve.shared.cut.cancelled() => false,
+    };
+    crate::metrics::connection_parked(false);
+    if woke {
+        io.unread(Bytes::copy_from_slice(&first));
+    }
+    woke
+}
+
+/// Closes a parked connection as hyper would (TLS close_notify, then FIN), within `within`.
+async fn close<S: AsyncWrite + Unpin>(mut io: ClientIo<S>, within: Duration) {
+    let _ = tokio::time::timeout(within, io.stream().shutdown()).await;
+}
+
+/// A served connection: hyper's HTTP/1.1 or HTTP/2 connection future.
+trait Served: std::future::Future<Output = hyper::Result<()>> + Unpin {
+    fn graceful_shutdown(&mut self);
+}
+
+impl<I, S, B> Served for http1::UpgradeableConnection<I, S>
+where
+    Self: std::future::Future<Output = hyper::Result<()>> + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(&mut self) {
+        Pin::new(self).graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Served for Pin<Box<http2::Connection<I, S, TokioExecutor>>>
+where
+    http2::Connection<I, S, TokioExecutor>: std::future::Future<Output = hyper::Result<()>>,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(&mut self) {
+        self.as_mut().graceful_shutdown();
+    }
+}
+
+/// Runs a connection with its timers until it ends, or until it was idle for `PARK_AFTER` and
+/// hyper, asked to close it, did (`park`: the connection's IO, for HTTP/1.1 connections that may
+/// be parked now).
+async fn drive<C: Served>(
+    serve: &Serve,
+    conn: &mut C,
+    state: &ConnState,
+    timers: &Timers,
+    peer: SocketAddr,
+    park: Option<Park<'_>>,
+) -> Ended {
+    let (first_head_deadline, idle) = (timers.first_head, timers.idle);
     let mut closing = false;
+    let mut parking = false;
     // The slow-reader watchdog looks twice per send_timeout while the connection has served.
     let check_every = (timers.send / 2).max(Duration::from_millis(100));
     let mut next_check = Instant::now() + check_every;
     // An idle close that cannot finish (the client does not read the last bytes) is forced.
     let mut close_by: Option<Instant> = None;
+    // A park the connection was not ready for (a response still leaving) is tried again later.
+    let mut park_not_before = Instant::now();
     loop {
         let got_request = state.requests.load(Ordering::Relaxed) > 0;
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+            r = &mut *conn => {
+                match r {
+                    Ok(()) if parking => return Ended::Parking,
+                    Ok(()) => {}
+                    Err(e) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
                 }
-                return;
+                return Ended::Closed;
             }
             // A connection that never completes a request head (slowloris, or an HTTP/2
             // preface and silence) is dropped at header_timeout.
             _ = tokio::time::sleep_until(first_head_deadline), if !got_request => {
                 if state.requests.load(Ordering::Relaxed) == 0 {
                     tracing::debug!(%peer, "no request head within header_timeout; closing");
-                    return;
+                    return Ended::Closed;
                 }
             }
             // Keep-alive idle (HTTP/2 above all: its PINGs are answered by the client's library,
@@ -349,9 +572,30 @@ where
             _ = tokio::time::sleep_until(state.idle_deadline(idle)), if got_request && !closing => {
                 if state.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= state.idle_deadline(idle) {
                     tracing::debug!(%peer, "connection idle; closing");
-                    conn.as_mut().graceful_shutdown();
+                    conn.graceful_shutdown();
                     closing = true;
                     close_by = Some(Instant::now() + timers.send);
+                }
+            }
+            // Idle for PARK_AFTER with nothing waiting on the client: hyper is asked to close,
+            // which an idle connection does at once, without a byte written, and its close is kept
+            // from the socket (a connection not idle after all answers with `Connection: close`
+            // and really closes).
+            _ = tokio::time::sleep_until(state.idle_deadline(PARK_AFTER).max(park_not_before)), if got_request && !closing && park.is_some() => {
+                let now = Instant::now();
+                let due = now >= state.idle_deadline(PARK_AFTER);
+                if let Some(p) = park.filter(|p| {
+                    due && p.io.quiet()
+                        && state.requests.load(Ordering::Relaxed) != p.unless_requests
+                }) {
+                    p.io.begin_park();
+                    conn.graceful_shutdown();
+                    closing = true;
+                    parking = true;
+                    close_by = Some(now + timers.send);
+                } else if due {
+                    // Quiet long enough but not ready: look again a PARK_AFTER later.
+                    park_not_before = now + PARK_AFTER;
                 }
             }
             // SPEC §3.4 "Slow readers": a response the client has not taken a byte of for
@@ -362,22 +606,22 @@ where
                 if state.stalled_for(timers.send) {
                     tracing::debug!(%peer, "client took nothing for send_timeout; closing");
                     state.stalled.store(true, Ordering::Relaxed);
-                    return;
+                    return Ended::Closed;
                 }
             }
             _ = tokio::time::sleep_until(close_by.unwrap_or(first_head_deadline)), if close_by.is_some() => {
                 tracing::debug!(%peer, "idle close not finished within send_timeout; cutting");
-                return;
+                return Ended::Closed;
             }
             // The first request came: go round again with the idle timer armed.
             () = state.first_request.notified(), if !got_request => {}
             _ = serve.shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
                 closing = true;
             }
             // shutdown_grace ran out: dropping the connection drops its requests, whose
             // records then write themselves.
-            _ = serve.shared.cut.cancelled() => return,
+            _ = serve.shared.cut.cancelled() => return Ended::Closed,
         }
     }
 }
