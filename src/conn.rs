@@ -80,6 +80,12 @@ pub struct ConnState {
     pub(crate) sending: std::sync::Mutex<Vec<std::sync::Weak<AtomicU64>>>,
     /// Set when the watchdog cut the connection for a client that stopped reading.
     pub(crate) stalled: std::sync::atomic::AtomicBool,
+    /// Client bodies still being streamed to an upstream (hyper is reading them): the
+    /// connection is not parked meanwhile. Not counted as in flight for `idle_timeout`, which an
+    /// upstream that stops reading must not hold off.
+    pub(crate) uploads: AtomicUsize,
+    /// A request asked for an upgrade: never parked (see `server`).
+    pub(crate) no_park: std::sync::atomic::AtomicBool,
 }
 
 impl ConnState {
@@ -95,6 +101,8 @@ impl ConnState {
             first_request: tokio::sync::Notify::new(),
             sending: std::sync::Mutex::default(),
             stalled: std::sync::atomic::AtomicBool::new(false),
+            uploads: AtomicUsize::new(0),
+            no_park: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -136,6 +144,15 @@ impl Drop for ConnState {
     }
 }
 
+/// Held while a client body is being streamed to the upstream ([`Active::upload`]).
+pub struct Upload(Arc<ConnState>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.0.uploads.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Held while a request (or a tunnel) of the connection is in flight.
 pub struct Active(Arc<ConnState>);
 
@@ -149,12 +166,11 @@ impl Active {
         Active(conn.clone())
     }
 
-    /// Another hold on the connection for the same request: a client body still being streamed
-    /// to the upstream after the response has ended keeps the connection busy (it is not idle,
-    /// and hyper is still reading it).
-    pub fn also(&self) -> Active {
-        self.0.inflight.fetch_add(1, Ordering::Relaxed);
-        Active(self.0.clone())
+    /// Marks a client body as being streamed to the upstream until the guard is dropped: hyper
+    /// is reading it, even after the response has ended (an upstream that answered early).
+    pub fn upload(&self) -> Upload {
+        self.0.uploads.fetch_add(1, Ordering::Relaxed);
+        Upload(self.0.clone())
     }
 
     /// A send clock for one response of this connection, watched by its watchdog.

@@ -249,3 +249,78 @@ async fn shutdown_closes_parked_connections_at_once() {
         start.elapsed()
     );
 }
+
+/// `config` with `header_timeout` set to `secs` seconds.
+fn with_header_timeout(config: &str, secs: u32) -> String {
+    config.replace(
+        "header_timeout = \"2s\"",
+        &format!("header_timeout = \"{secs}s\""),
+    )
+}
+
+#[tokio::test]
+async fn a_woken_connection_whose_head_is_slow_is_served_and_kept_alive() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_header_timeout(&config(&up, ""), 10)).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert_served(&get(&mut s, "/one").await, "/one");
+    wait_parked(&gw, 1).await;
+    // The first bytes wake it; the rest of the head comes after more than the park delay.
+    s.write_all(b"GET /two HTTP/1.1\r\nHo").await.unwrap();
+    wait_parked(&gw, 0).await;
+    tokio::time::sleep(PAUSE).await;
+    s.write_all(b"st: gw.test\r\n\r\n").await.unwrap();
+    let resp = response(&mut s).await;
+    assert_served(&resp, "/two");
+    assert_eq!(
+        header_of(&resp, "connection"),
+        None,
+        "the connection was closed under the request: {resp}"
+    );
+    wait_parked(&gw, 1).await;
+    assert_served(&get(&mut s, "/three").await, "/three");
+}
+
+#[tokio::test]
+async fn a_connection_that_asked_for_an_upgrade_is_not_parked_and_stays_open() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_header_timeout(&config(&up, ""), 10)).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // curl --http2 on http:// asks for h2c this way; the gateway answers in HTTP/1.1.
+    s.write_all(
+        b"GET /one HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_served(&response(&mut s).await, "/one");
+    // Another connection parks meanwhile; this one must still serve its next request.
+    let mut other = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert_served(&get(&mut other, "/other").await, "/other");
+    wait_parked(&gw, 1).await;
+    tokio::time::sleep(PAUSE).await;
+    assert_served(&get(&mut s, "/two").await, "/two");
+}
+
+#[tokio::test]
+async fn a_woken_connection_keeps_the_head_deadline_of_its_last_request() {
+    let up = upstream().await;
+    let gw = Gateway::start(&with_header_timeout(&config(&up, ""), 3)).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    assert_served(&get(&mut s, "/one").await, "/one");
+    let served = Instant::now();
+    wait_parked(&gw, 1).await;
+    // One byte wakes it, and nothing more comes: the head was due 3 s after the last request,
+    // not 3 s after the wake.
+    s.write_all(b"G").await.unwrap();
+    wait_parked(&gw, 0).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .expect("closed in time");
+    let after = served.elapsed();
+    assert!(
+        after >= Duration::from_millis(2900) && after < Duration::from_millis(4200),
+        "closed {after:?} after the last request (header_timeout 3 s)"
+    );
+}

@@ -201,10 +201,10 @@ async fn open_websocket(
     Ok((opened.response, tunnel))
 }
 
-/// A client body on its way to the upstream: holds the connection busy until it ends or is
-/// dropped.
+/// A client body on its way to the upstream: keeps the connection from being parked until it
+/// ends or is dropped.
 struct Uploading {
-    _busy: crate::conn::Active,
+    _busy: crate::conn::Upload,
 }
 
 impl body::OnEnd for Uploading {
@@ -229,12 +229,12 @@ async fn exchange(
         ClientBody::Streaming(incoming) => {
             body_done.store(http_body::Body::is_end_stream(&incoming), Ordering::Relaxed);
             let incoming = http_body_util::BodyExt::map_err(incoming, body::ClientBodyError);
-            // The connection stays busy until the body has been read or dropped, even if the
+            // The connection is not parked until the body has been read or dropped, even if the
             // response ends first (the upstream answered early): hyper reads it until then.
             let busy = ctx
                 .active
                 .as_ref()
-                .map(|a| Box::new(Uploading { _busy: a.also() }) as Box<dyn body::OnEnd>);
+                .map(|a| Box::new(Uploading { _busy: a.upload() }) as Box<dyn body::OnEnd>);
             let b = Streamed::new(
                 incoming,
                 idle,

@@ -132,6 +132,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> hyper::rt::Read for ClientIo<S> {
             let n = this.ahead.len().min(buf.remaining());
             buf.put_slice(&this.ahead[..n]);
             this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                // An emptied slice still holds its allocation (hyper's old read buffer).
+                this.ahead = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
