@@ -820,7 +820,7 @@ async fn open_idle(port: u16, n: usize, cfg: Arc<rustls::ClientConfig>, what: &s
 }
 
 /// How long S6 holds its connections idle before reading the RSS.
-const IDLE_SETTLE: Duration = Duration::from_secs(2);
+const IDLE_SETTLE: Duration = Duration::from_secs(5);
 
 /// One more request on each held connection: a 200 with the upstream's body.
 async fn reuse(held: &mut Held, port: u16, what: &str) {
@@ -1413,16 +1413,19 @@ fn main() {
         let what = format!("{} S6", t.who.name());
         let before = rss_kib(pid);
         let mut held = rt.block_on(open_idle(t.tls, IDLE_CONNS, tls_cfg.clone(), &what));
+        let opened = rss_kib(pid);
         // Idle means idle for a while: portcullis gives an HTTP/1.1 connection's buffers back
-        // after a second without a request (nginx at once, on every keep-alive wait).
+        // after a second without a request (nginx at once, on every keep-alive wait), and the
+        // allocator returns the pages a second later.
         std::thread::sleep(IDLE_SETTLE);
         let after = rss_kib(pid);
         // Every connection was still open, and serves again.
         rt.block_on(reuse(&mut held, t.tls, &what));
         release(&rt, held);
         let per_conn = (after as f64 - before as f64) / IDLE_CONNS as f64;
+        let fresh = (opened as f64 - before as f64) / IDLE_CONNS as f64;
         println!(
-            "{what}: idle RSS {before} KiB, {after} KiB with {IDLE_CONNS} idle TLS connections: {per_conn:.1} KiB each"
+            "{what}: idle RSS {before} KiB, {after} KiB with {IDLE_CONNS} idle TLS connections: {per_conn:.1} KiB each ({fresh:.1} KiB each just after their requests)"
         );
         s6[WHO.iter().position(|w| *w == t.who).unwrap()] =
             Some((before as f64 / 1024.0, per_conn));

@@ -65,8 +65,9 @@ impl Forwarder {
         req: Request<ResponseBody>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, SendError> {
-        let client = CLIENT.with(UpstreamClient::clone);
-        match tokio::time::timeout(timeout, client.request(req)).await {
+        // The request future holds its own handle on the pool: no clone of the client here.
+        let sent = CLIENT.with(|client| client.request(req));
+        match tokio::time::timeout(timeout, sent).await {
             Err(_) => Err(SendError {
                 error: GatewayError::UpstreamTimeout,
                 connected: true,
