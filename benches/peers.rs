@@ -798,22 +798,12 @@ async fn open_idle(port: u16, n: usize, cfg: Arc<rustls::ClientConfig>, what: &s
                 .await
                 .unwrap();
         let driver = tokio::spawn(conn);
-        let req = http::Request::get("/v1/x")
-            .header("host", format!("localhost:{port}"))
-            .header("authorization", format!("Bearer {KEY}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = sender
-            .send_request(req)
-            .await
-            .unwrap_or_else(|e| panic!("FAIL {what}: request on connection {i}: {e}"));
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(
-            status == 200 && body.len() == BODY_LEN,
-            "FAIL {what}: connection {i}: status {status}, {} body bytes",
-            body.len()
-        );
+        keyed_get(
+            &mut sender,
+            port,
+            &format!("{what}: request on connection {i}"),
+        )
+        .await;
         held.push((sender, driver));
     }
     held
@@ -825,23 +815,37 @@ const IDLE_SETTLE: Duration = Duration::from_secs(5);
 /// One more request on each held connection: a 200 with the upstream's body.
 async fn reuse(held: &mut Held, port: u16, what: &str) {
     for (i, (sender, _)) in held.iter_mut().enumerate() {
-        let req = http::Request::get("/v1/x")
-            .header("host", format!("localhost:{port}"))
-            .header("authorization", format!("Bearer {KEY}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let resp = sender
-            .send_request(req)
-            .await
-            .unwrap_or_else(|e| panic!("FAIL {what}: second request on connection {i}: {e}"));
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(
-            status == 200 && body.len() == BODY_LEN,
-            "FAIL {what}: second request on connection {i}: status {status}, {} body bytes",
-            body.len()
-        );
+        keyed_get(
+            sender,
+            port,
+            &format!("{what}: second request on connection {i}"),
+        )
+        .await;
     }
+}
+
+/// A GET of `/v1/x` with the key on `sender`, which must answer 200 with the upstream's body.
+async fn keyed_get(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    port: u16,
+    what: &str,
+) {
+    let req = http::Request::get("/v1/x")
+        .header("host", format!("localhost:{port}"))
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender
+        .send_request(req)
+        .await
+        .unwrap_or_else(|e| panic!("FAIL {what}: {e}"));
+    let status = resp.status();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        status == 200 && body.len() == BODY_LEN,
+        "FAIL {what}: status {status}, {} body bytes",
+        body.len()
+    );
 }
 
 fn release(rt: &tokio::runtime::Runtime, held: Held) {

@@ -139,9 +139,8 @@ async fn tls_1_2_and_1_3_are_served_sessions_resume_and_plaintext_is_not() {
     assert_ne!(status, 200);
 }
 
-/// Bodies through TLS arrive whole, both ways: a 3 MiB upload (many TLS records, read through
-/// the gateway's per-thread buffer) is counted byte for byte by the upstream, and a 3 MiB download
-/// streams back complete.
+/// Bodies through TLS arrive whole, both ways: a 3 MiB upload (many TLS records) is counted byte
+/// for byte by the upstream, and a 3 MiB download streams back complete.
 #[tokio::test]
 async fn large_bodies_cross_tls_whole() {
     let up = upstream().await;

@@ -1,17 +1,14 @@
 //! The client connection as hyper sees it: the accepted stream (plain or TLS) behind hyper's IO
-//! traits, with what hyper-util's `TokioIo` lacks.
+//! traits, with two additions hyper-util's `TokioIo` lacks.
 //!
 //! - **Bytes read ahead** are handed to hyper first: the first bytes of a plain connection, read
 //!   to tell an HTTP/2 preface from HTTP/1.1, and what a parked connection had buffered (see
 //!   `park` in the parent module).
-//! - **Reads through TLS** go through a per-thread buffer, so that hyper's read buffer is not
-//!   zero-filled by tokio-rustls before every read.
 //! - **What the connection's writes are doing**, for parking: whether the last write waited on
 //!   the client (bytes still in hyper's write buffer), and whether hyper asked to close. While
 //!   a park is under way, hyper's close of an idle connection is not passed on to the socket,
 //!   so the socket can be kept without hyper's buffers.
 
-use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -84,32 +81,19 @@ impl IoState {
     }
 }
 
-/// The longest read through TLS: one record's plaintext (16 KiB), with room to spare.
-const SCRATCH_LEN: usize = 17 * 1024;
-
-thread_local! {
-    /// One zero-filled buffer per worker thread that reads through TLS go through (see
-    /// `ClientIo::poll_read`).
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
-}
-
 /// The client stream behind hyper's IO traits (see the module's comment).
 pub(crate) struct ClientIo<S> {
     io: TokioIo<S>,
     ahead: Bytes,
     state: Arc<IoState>,
-    /// Reads go through the thread's scratch buffer (a TLS stream: see `poll_read`).
-    scratch: bool,
 }
 
 impl<S> ClientIo<S> {
-    /// `tls`: the stream is a TLS session.
-    pub(crate) fn new(stream: S, ahead: Bytes, state: Arc<IoState>, tls: bool) -> ClientIo<S> {
+    pub(crate) fn new(stream: S, ahead: Bytes, state: Arc<IoState>) -> ClientIo<S> {
         ClientIo {
             io: TokioIo::new(stream),
             ahead,
             state,
-            scratch: tls,
         }
     }
 
@@ -153,29 +137,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> hyper::rt::Read for ClientIo<S> {
                 this.ahead = Bytes::new();
             }
             return Poll::Ready(Ok(()));
-        }
-        if this.scratch {
-            // tokio-rustls zero-fills whatever part of the buffer it is given that is not yet
-            // initialized, before every read, and hyper's read buffer never is: 8 KiB written per
-            // read (measurable CPU), and the whole buffer of every connection made resident.
-            // Read into an initialized buffer of the thread's, and copy what came.
-            let read = SCRATCH.with(|scratch| {
-                let mut scratch = scratch.try_borrow_mut().ok()?;
-                let want = buf.remaining().min(scratch.len());
-                let mut into = tokio::io::ReadBuf::new(&mut scratch[..want]);
-                Some(
-                    match Pin::new(this.io.inner_mut()).poll_read(cx, &mut into) {
-                        Poll::Ready(Ok(())) => {
-                            buf.put_slice(into.filled());
-                            Poll::Ready(Ok(()))
-                        }
-                        other => other,
-                    },
-                )
-            });
-            if let Some(read) = read {
-                return read;
-            }
         }
         Pin::new(&mut this.io).poll_read(cx, buf)
     }

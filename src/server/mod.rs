@@ -431,7 +431,7 @@ where
         ))
     });
     let io_state = Arc::new(IoState::default());
-    let io = ClientIo::new(stream, ahead, io_state.clone(), tls);
+    let io = ClientIo::new(stream, ahead, io_state.clone());
     if h2 {
         let mut conn = Box::pin(h2_builder.serve_connection(io, svc));
         Box::pin(drive(&serve, &mut conn, &state, &timers, peer, None)).await;
