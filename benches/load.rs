@@ -542,7 +542,7 @@ fn main() {
             held
         });
         // Held idle for 5 s: the gateway parks an HTTP/1.1 connection (frees its buffers)
-        // after a second without a request, and the allocator returns the pages a second later.
+        // after 250 ms without a request, and the allocator returns the pages a second later.
         std::thread::sleep(std::time::Duration::from_secs(5));
         let with_conns = rss_kib(gws.proc.0.id());
         drop(held);

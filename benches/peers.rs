@@ -1419,7 +1419,7 @@ fn main() {
         let mut held = rt.block_on(open_idle(t.tls, IDLE_CONNS, tls_cfg.clone(), &what));
         let opened = rss_kib(pid);
         // Idle means idle for a while: portcullis gives an HTTP/1.1 connection's buffers back
-        // after a second without a request (nginx at once, on every keep-alive wait), and the
+        // after 250 ms without a request (nginx at once, on every keep-alive wait), and the
         // allocator returns the pages a second later.
         std::thread::sleep(IDLE_SETTLE);
         let after = rss_kib(pid);

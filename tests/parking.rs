@@ -1,4 +1,4 @@
-//! Idle HTTP/1.1 keep-alive connections are parked: after a second without a request the
+//! Idle HTTP/1.1 keep-alive connections are parked: after 250 ms without a request the
 //! gateway keeps only the socket (hyper's buffers are freed), and the next request on it is
 //! served as if nothing happened, even one whose head had begun to arrive, or that was pipelined
 //! behind the last one, before the park. `portcullis_parked_connections` counts them; a parked
@@ -15,7 +15,8 @@ use rustls_pki_types::ServerName;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Longer than the gateway's park delay (1 s): a client pausing this long is parked.
+/// Longer than the gateway's park delay (250 ms), with room to spare: a client pausing this long
+/// is parked.
 const PAUSE: Duration = Duration::from_millis(1500);
 
 fn config(up: &Upstream, tls: &str) -> String {
