@@ -21,6 +21,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// `[tls]` with `p`'s certificate (written into `dir`) and one keyless route `api` on `/`.
+fn tls_config(up: &Upstream, p: &Pki, dir: &std::path::Path) -> String {
+    format!(
+        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
+        server_section(""),
+        p.tls_section(dir),
+        up.url()
+    )
+}
+
 /// One HTTP/1.1 GET over TLS with `cfg`: the status and how the handshake went (full or
 /// resumed), or the error that stopped it.
 async fn exchange(
@@ -105,13 +115,7 @@ async fn tls_1_2_and_1_3_are_served_sessions_resume_and_plaintext_is_not() {
     let up = upstream().await;
     let p = pki();
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
-        server_section(""),
-        p.tls_section(dir.path()),
-        up.url()
-    );
-    let gw = Gateway::start(&config).await;
+    let gw = Gateway::start(&tls_config(&up, &p, dir.path())).await;
     // Pin 1.2 and 1.3 in turn (the server is built with exactly these two versions). The same
     // client config dials twice: its in-memory session store carries the session (TLS 1.2) or
     // ticket (TLS 1.3) to the second connection, which resumes instead of a full handshake.
@@ -146,13 +150,7 @@ async fn large_bodies_cross_tls_whole() {
     let up = upstream().await;
     let p = pki();
     let dir = tempfile::tempdir().unwrap();
-    let config = format!(
-        "{}{}[[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"{}\"\nauth = \"none\"\n",
-        server_section(""),
-        p.tls_section(dir.path()),
-        up.url()
-    );
-    let gw = Gateway::start(&config).await;
+    let gw = Gateway::start(&tls_config(&up, &p, dir.path())).await;
     let client = p.reqwest();
     let base = format!("https://localhost:{}", gw.addr.port());
     let body: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
