@@ -137,15 +137,16 @@ pub(super) fn check_id(s: &str, path: &str) -> Result<(), Invalid> {
 }
 
 pub(super) fn host_only(h: &str) -> String {
-    let h = h.trim().to_ascii_lowercase();
+    let h = h.trim();
     // "[::1]:8443" -> "[::1]", "example.com:8443" -> "example.com"
-    if let Some(end) = h.find(']') {
-        return h[..=end].to_owned();
-    }
-    match h.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_owned(),
-        _ => h,
-    }
+    let name = match h.find(']') {
+        Some(end) => &h[..=end],
+        None => match h.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => h,
+        },
+    };
+    name.to_ascii_lowercase()
 }
 
 /// Lower-cases a Host value and drops its port, for route matching.

@@ -59,9 +59,7 @@ pub fn check_target<B>(
         {
             return Err(GatewayError::BadRequest);
         }
-        authority
-            .map(str::to_owned)
-            .or_else(|| host_header.and_then(|h| h.to_str().ok()).map(str::to_owned))
+        authority.or_else(|| host_header.and_then(|h| h.to_str().ok()))
     } else {
         // HTTP/1.x: origin-form only; absolute-form is what proxies (not gateways) accept, and a
         // URI authority that differs from Host is a classic routing confusion.
@@ -69,20 +67,20 @@ pub fn check_target<B>(
             return Err(GatewayError::BadRequest);
         }
         match host_header {
-            Some(h) => Some(h.to_str().map_err(|_| GatewayError::BadRequest)?.to_owned()),
+            Some(h) => Some(h.to_str().map_err(|_| GatewayError::BadRequest)?),
             // RFC 9112 §3.2: a 1.1 request without Host is 400; 1.0 may omit it.
             None if req.version() == Version::HTTP_11 => return Err(GatewayError::BadRequest),
             None => None,
         }
     };
-    if let Some(h) = &host
+    if let Some(h) = host
         && (h.is_empty()
             || h.bytes()
                 .any(|b| b <= b' ' || b == b'/' || b == b'@' || b == 0x7f))
     {
         return Err(GatewayError::BadRequest);
     }
-    Ok(host.map(|h| normalize_host(&h)))
+    Ok(host.map(normalize_host))
 }
 
 pub fn check_ip_lists(route: &Route, ip: IpAddr) -> Result<(), GatewayError> {
