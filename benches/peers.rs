@@ -2,7 +2,7 @@
 //! each with its own CPU time per request.
 //!
 //! Run: `cargo bench --bench peers` (about 3 to 4 minutes; `PEERS_SECS` sets the length of one
-//! run, 5 s by default). Installs Debian's `wrk`, `nginx-light`, `haproxy` and `nghttp2-client`
+//! run, 5 s by default; `PORTCULLIS_BIN` runs another build of the gateway). Installs Debian's `wrk`, `nginx-light`, `haproxy` and `nghttp2-client`
 //! (for `h2load`) when they are missing; without HAProxy or h2load their cells are skipped.
 //!
 //! The job, the same for every proxy: refuse a request without `Authorization: Bearer <KEY>`
@@ -538,13 +538,9 @@ fn start_portcullis(dir: &Path, port: u16, up: u16, tls: bool) -> Proc {
     let out = dir.join(format!("{name}.out"));
     let f = std::fs::File::create(&out).unwrap();
     let child = Command::new("taskset")
-        .args([
-            "-c",
-            "1",
-            env!("CARGO_BIN_EXE_portcullis"),
-            "run",
-            "--config",
-        ])
+        .args(["-c", "1"])
+        .arg(common::gateway_bin())
+        .args(["run", "--config"])
         .arg(&path)
         // The temp dir: no `.env` of the working directory is read.
         .current_dir(dir)

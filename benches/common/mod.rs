@@ -8,6 +8,14 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 
+/// The gateway binary to run: `PORTCULLIS_BIN` if set (a build of another commit, for an A/B
+/// in one run), else the one cargo built for this benchmark.
+pub fn gateway_bin() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")))
+}
+
 /// `name` on `PATH`, or in the sbin directories Debian puts servers in.
 pub fn find_bin(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
