@@ -53,7 +53,9 @@ pub fn extract_with<'a>(
         }
     };
     for name in key_headers {
+        let mut lines = 0;
         for v in headers.get_all(name) {
+            lines += 1;
             let Ok(v) = v.to_str() else {
                 return Presented::Malformed;
             };
@@ -74,7 +76,7 @@ pub fn extract_with<'a>(
             }
         }
         // Two header lines of the same name are two credentials, even if equal.
-        if headers.get_all(name).iter().count() > 1 {
+        if lines > 1 {
             return Presented::Malformed;
         }
     }

@@ -137,7 +137,7 @@ pub(super) fn check_id(s: &str, path: &str) -> Result<(), Invalid> {
 }
 
 pub(super) fn host_only(h: &str) -> String {
-    let h = h.trim();
+    let h = h.trim_ascii();
     // "[::1]:8443" -> "[::1]", "example.com:8443" -> "example.com"
     let name = match h.find(']') {
         Some(end) => &h[..=end],
@@ -146,7 +146,11 @@ pub(super) fn host_only(h: &str) -> String {
             _ => h,
         },
     };
-    name.to_ascii_lowercase()
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        name.to_ascii_lowercase()
+    } else {
+        name.to_owned()
+    }
 }
 
 /// Lower-cases a Host value and drops its port, for route matching.

@@ -75,6 +75,57 @@ pub struct RequestRecord {
     pub llm: Option<LlmRecord>,
 }
 
+impl RequestRecord {
+    /// The record as one line of JSON, byte for byte what the derived `Serialize` writes (the
+    /// `write_json_is_the_derived_serialization` test checks it). Written field by field:
+    /// `#[serde(flatten)]` sends the derived code through serde's map machinery, a tenth of a
+    /// proxied request's instructions.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        fn field<T: Serialize + ?Sized>(
+            out: &mut Vec<u8>,
+            key: &str,
+            value: &T,
+        ) -> serde_json::Result<()> {
+            out.extend_from_slice(b",\"");
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b"\":");
+            serde_json::to_writer(&mut *out, value)
+        }
+        out.extend_from_slice(b"{\"ts\":");
+        serde_json::to_writer(&mut *out, &self.ts)?;
+        field(out, "event", self.event)?;
+        field(out, "request_id", &self.request_id)?;
+        field(out, "client_ip", &self.client_ip)?;
+        field(out, "method", &*self.method)?;
+        field(out, "path", &self.path)?;
+        field(out, "route", &self.route)?;
+        field(out, "key_id", &self.key_id)?;
+        if let Some(user) = &self.user {
+            field(out, "user", user)?;
+        }
+        field(out, "status", &self.status)?;
+        field(out, "outcome", self.outcome)?;
+        field(out, "bytes_in", &self.bytes_in)?;
+        field(out, "bytes_out", &self.bytes_out)?;
+        field(out, "duration_ms", &self.duration_ms)?;
+        field(out, "upstream_ms", &self.upstream_ms)?;
+        field(out, "user_agent", &self.user_agent)?;
+        if let Some(llm) = &self.llm {
+            // Flattened: the llm object's fields continue this one's.
+            let start = out.len();
+            serde_json::to_writer(&mut *out, llm)?;
+            if out.len() - start <= 2 {
+                out.truncate(start);
+            } else {
+                out[start] = b',';
+                out.pop();
+            }
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 /// How a request ended (see the module's table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -272,7 +323,7 @@ impl Record {
         }
         // Sized for a typical record up front: growing from empty costs half a dozen reallocs.
         let mut line = Vec::with_capacity(512);
-        match serde_json::to_writer(&mut line, &self.fields) {
+        match self.fields.write_json(&mut line) {
             Ok(()) => {
                 line.push(b'\n');
                 self.audit.emit_line(line);
@@ -454,6 +505,55 @@ impl Drop for Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_json_is_the_derived_serialization() {
+        let mut rec = RequestRecord {
+            ts: "2026-12-01T14:13:38.123Z".to_owned(),
+            event: "request",
+            request_id: "01JDZ0000000000000000000".to_owned(),
+            client_ip: "2001:db8::1".parse().unwrap(),
+            method: "PROPFIND".to_owned().into(),
+            path: "/v1/\"quoted\"\\back\u{1}\u{7f}é\u{2028}".to_owned(),
+            route: Some("r\n".to_owned()),
+            key_id: None,
+            user: Some("alice \"a\"".to_owned()),
+            status: 499,
+            outcome: "client_closed",
+            bytes_in: u64::MAX,
+            bytes_out: 0,
+            duration_ms: 12.3,
+            upstream_ms: None,
+            user_agent: Some("\t<ua>\u{0}".to_owned()),
+            llm: None,
+        };
+        let check = |rec: &RequestRecord| {
+            let mut ours = Vec::new();
+            rec.write_json(&mut ours).unwrap();
+            let derived = serde_json::to_vec(rec).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                String::from_utf8_lossy(&derived)
+            );
+        };
+        check(&rec);
+        rec.user = None;
+        rec.client_ip = "192.0.2.7".parse().unwrap();
+        rec.upstream_ms = Some(0.1);
+        rec.duration_ms = f64::NAN;
+        rec.llm = Some(LlmRecord::default());
+        check(&rec);
+        rec.duration_ms = 1e21;
+        rec.llm = Some(LlmRecord {
+            model: Some("openai/gpt-4o-mini".to_owned()),
+            prompt_tokens: Some(12),
+            completion_tokens: Some(3),
+            cost_usd: Some(0.000_012_5),
+            usage_source: "upstream",
+            cost_source: Some("prices"),
+        });
+        check(&rec);
+    }
 
     #[test]
     fn long_values_are_cut_on_a_character_boundary() {

@@ -18,7 +18,7 @@ use crate::live::Live;
 use crate::llm::admit::Admission;
 use crate::llm::meter::{Exchange, Meter};
 use crate::proxy::body::{self, ResponseBody, Streamed};
-use crate::proxy::{headers, websocket};
+use crate::proxy::{Pooled, headers, websocket};
 use crate::route;
 
 /// SPEC §7 on `llm` routes: the request body (capped by `max_body` already) is read once, then
@@ -251,7 +251,11 @@ async fn exchange(
     ctx.record.exchange = Exchange::Sent;
     let resp = match shared
         .forwarder
-        .send(Request::from_parts(parts, up_body), route.timeout)
+        .send(
+            &route.upstream.authority,
+            Request::from_parts(parts, up_body),
+            route.timeout,
+        )
         .await
     {
         Ok(resp) => resp,
@@ -293,7 +297,7 @@ async fn exchange(
 
 /// The upstream's answer on an `llm` route: its usage noted as it streams past, and the
 /// usage-only event the gateway asked for left out of what the client sees.
-fn metered_response(resp: Response<Incoming>, meter: &Meter) -> Response<ResponseBody> {
+fn metered_response(resp: Response<Pooled>, meter: &Meter) -> Response<ResponseBody> {
     let sse = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -311,7 +315,7 @@ fn metered_response(resp: Response<Incoming>, meter: &Meter) -> Response<Respons
 }
 
 /// The upstream's answer with its hop-by-hop headers removed. `finish` wraps the body.
-pub(super) fn upstream_response(resp: Response<Incoming>) -> Response<ResponseBody> {
+pub(super) fn upstream_response(resp: Response<Pooled>) -> Response<ResponseBody> {
     use http_body_util::BodyExt;
     let (mut parts, incoming) = resp.into_parts();
     answer_head(&mut parts);

@@ -11,45 +11,52 @@ use http::header::{self, HeaderName, HeaderValue};
 
 use crate::conn::ConnInfo;
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    // RFC 7540 §3.2.1: HTTP2-Settings belongs to the h2c upgrade and is connection-specific.
-    "http2-settings",
-];
-
 /// RFC 9110 §7.6.1 (Connection), RFC 9112 §9.6 (Keep-Alive, TE, Trailer, Transfer-Encoding,
 /// Upgrade), plus every `Proxy-*` header (Proxy-Authorization is for this hop only).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     let n = name.as_str();
-    HOP_BY_HOP.contains(&n) || n.starts_with("proxy-")
+    matches!(
+        n,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            // RFC 7540 §3.2.1: HTTP2-Settings belongs to the h2c upgrade and is
+            // connection-specific.
+            | "http2-settings"
+    ) || n.starts_with("proxy-")
 }
 
 /// Removes `Connection`, the headers it names, and all hop-by-hop headers.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // RFC 9110 §7.6.1: headers named in Connection are hop-by-hop.
+    // RFC 9110 §7.6.1: headers named in Connection are hop-by-hop. `close` and `keep-alive`,
+    // what nearly every Connection header says, name no other header (Keep-Alive goes below
+    // with the rest), so most messages allocate nothing here.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
+    headers.remove(header::CONNECTION);
     for n in named {
         headers.remove(n);
     }
-    let hop: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    for n in hop {
-        headers.remove(n);
+    if headers.keys().any(is_hop_by_hop) {
+        let hop: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_hop_by_hop(n))
+            .cloned()
+            .collect();
+        for n in hop {
+            headers.remove(n);
+        }
     }
 }
 
