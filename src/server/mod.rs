@@ -578,6 +578,19 @@ async fn drive<C: Served>(
     let mut woken_head_by = park.and_then(|p| p.woken).map(|(_, by)| by);
     loop {
         let got_request = state.requests.load(Ordering::Relaxed) > 0;
+        // The timers armed this round. One `Sleep` waits for the earliest: every wake of the
+        // connection's task polls each branch, and four timers polled on every wake cost 3 % of
+        // a request's instructions. When it fires, the first due timer (in this order) acts and
+        // the loop goes round, so the others are judged again with the guards of the next round.
+        let head_at = (!got_request).then_some(first_head_deadline);
+        let idle_at = (got_request && !closing).then(|| state.idle_deadline(idle));
+        let park_at = (got_request && !closing && park.is_some())
+            .then(|| state.idle_deadline(PARK_AFTER).max(park_not_before));
+        let check_at = got_request.then_some(next_check);
+        let wake = [head_at, idle_at, park_at, check_at, close_by, woken_head_by]
+            .into_iter()
+            .flatten()
+            .min();
         tokio::select! {
             r = &mut *conn => {
                 match r {
@@ -587,85 +600,87 @@ async fn drive<C: Served>(
                 }
                 return Ended::Closed;
             }
-            // A connection that never completes a request head (slowloris, or an HTTP/2
-            // preface and silence) is dropped at header_timeout.
-            _ = tokio::time::sleep_until(first_head_deadline), if !got_request => {
-                if state.requests.load(Ordering::Relaxed) == 0 {
-                    tracing::debug!(%peer, "no request head within header_timeout; closing");
-                    return Ended::Closed;
-                }
-            }
-            // Keep-alive idle (HTTP/2 above all: its PINGs are answered by the client's library,
-            // so only this notices that no request has come for idle_timeout).
-            _ = tokio::time::sleep_until(state.idle_deadline(idle)), if got_request && !closing => {
-                if state.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= state.idle_deadline(idle) {
-                    tracing::debug!(%peer, "connection idle; closing");
-                    conn.graceful_shutdown();
-                    closing = true;
-                    close_by = Some(Instant::now() + timers.send);
-                }
-            }
-            // Idle for PARK_AFTER with nothing waiting on the client: hyper is asked to close,
-            // which an idle connection does at once, without a byte written, and its close is kept
-            // from the socket (a connection not idle after all answers with `Connection: close`
-            // and really closes).
-            _ = tokio::time::sleep_until(state.idle_deadline(PARK_AFTER).max(park_not_before)), if got_request && !closing && park.is_some() => {
+            _ = tokio::time::sleep_until(wake.unwrap_or(first_head_deadline)), if wake.is_some() => {
                 let now = Instant::now();
-                let due = now >= state.idle_deadline(PARK_AFTER);
-                if let Some(p) = park.filter(|p| {
-                    due && p.io.quiet()
-                        && state.uploads.load(Ordering::Relaxed) == 0
-                        && !state.no_park.load(Ordering::Relaxed)
-                        && p.woken.is_none_or(|(at, _)| state.requests.load(Ordering::Relaxed) != at)
-                }) {
-                    p.io.begin_park();
-                    conn.graceful_shutdown();
-                    closing = true;
-                    parking = true;
-                    close_by = Some(now + timers.send);
-                } else if due {
-                    // Quiet long enough but not ready: look again a PARK_AFTER later.
-                    park_not_before = now + PARK_AFTER;
+                let due = |at: Option<Instant>| at.is_some_and(|t| now >= t);
+                if due(head_at) {
+                    // A connection that never completes a request head (slowloris, or an HTTP/2
+                    // preface and silence) is dropped at header_timeout.
+                    if state.requests.load(Ordering::Relaxed) == 0 {
+                        tracing::debug!(%peer, "no request head within header_timeout; closing");
+                        return Ended::Closed;
+                    }
+                } else if due(idle_at) {
+                    // Keep-alive idle (HTTP/2 above all: its PINGs are answered by the client's
+                    // library, so only this notices that no request has come for idle_timeout).
+                    if state.inflight.load(Ordering::Relaxed) == 0 && now >= state.idle_deadline(idle) {
+                        tracing::debug!(%peer, "connection idle; closing");
+                        conn.graceful_shutdown();
+                        closing = true;
+                        close_by = Some(now + timers.send);
+                    }
+                } else if due(park_at) {
+                    // Idle for PARK_AFTER with nothing waiting on the client: hyper is asked to
+                    // close, which an idle connection does at once, without a byte written, and
+                    // its close is kept from the socket (a connection not idle after all answers
+                    // with `Connection: close` and really closes).
+                    let quiet = now >= state.idle_deadline(PARK_AFTER);
+                    if let Some(p) = park.filter(|p| {
+                        quiet && p.io.quiet()
+                            && state.uploads.load(Ordering::Relaxed) == 0
+                            && !state.no_park.load(Ordering::Relaxed)
+                            && p.woken.is_none_or(|(at, _)| state.requests.load(Ordering::Relaxed) != at)
+                    }) {
+                        p.io.begin_park();
+                        conn.graceful_shutdown();
+                        closing = true;
+                        parking = true;
+                        close_by = Some(now + timers.send);
+                    } else if quiet {
+                        // Quiet long enough but not ready: look again a PARK_AFTER later.
+                        park_not_before = now + PARK_AFTER;
+                    }
+                } else if due(check_at) {
+                    // SPEC §3.4 "Slow readers": a response the client has not taken a byte of for
+                    // send_timeout (a full socket buffer, an HTTP/2 window kept at zero) is
+                    // abandoned with its connection, and the upstream exchange with it; the
+                    // records say client_stalled.
+                    next_check = now + check_every;
+                    if state.stalled_for(timers.send) {
+                        tracing::debug!(%peer, "client took nothing for send_timeout; closing");
+                        state.stalled.store(true, Ordering::Relaxed);
+                        return Ended::Closed;
+                    }
+                } else if due(close_by) {
+                    // A request that came in meanwhile is served (with `Connection: close`); the
+                    // slow-reader watchdog times it.
+                    if state.inflight.load(Ordering::Relaxed) > 0 {
+                        close_by = Some(now + timers.send);
+                    } else {
+                        tracing::debug!(%peer, "idle close not finished within send_timeout; cutting");
+                        return Ended::Closed;
+                    }
+                } else if due(woken_head_by) {
+                    // Woken from a park: the next request head within header_timeout of the
+                    // last request.
+                    if park.and_then(|p| p.woken).is_some_and(|(at, _)| state.requests.load(Ordering::Relaxed) == at) {
+                        tracing::debug!(%peer, "no request head within header_timeout; closing");
+                        return Ended::Closed;
+                    }
+                    woken_head_by = None;
                 }
-            }
-            // SPEC §3.4 "Slow readers": a response the client has not taken a byte of for
-            // send_timeout (a full socket buffer, an HTTP/2 window kept at zero) is abandoned with
-            // its connection, and the upstream exchange with it; the records say client_stalled.
-            _ = tokio::time::sleep_until(next_check), if got_request => {
-                next_check = Instant::now() + check_every;
-                if state.stalled_for(timers.send) {
-                    tracing::debug!(%peer, "client took nothing for send_timeout; closing");
-                    state.stalled.store(true, Ordering::Relaxed);
-                    return Ended::Closed;
-                }
-            }
-            _ = tokio::time::sleep_until(close_by.unwrap_or(first_head_deadline)), if close_by.is_some() => {
-                // A request that came in meanwhile is served (with `Connection: close`); the
-                // slow-reader watchdog times it.
-                if state.inflight.load(Ordering::Relaxed) > 0 {
-                    close_by = Some(Instant::now() + timers.send);
-                } else {
-                    tracing::debug!(%peer, "idle close not finished within send_timeout; cutting");
-                    return Ended::Closed;
-                }
-            }
-            // Woken from a park: the next request head within header_timeout of the last request.
-            _ = tokio::time::sleep_until(woken_head_by.unwrap_or(first_head_deadline)), if woken_head_by.is_some() => {
-                if park.and_then(|p| p.woken).is_some_and(|(at, _)| state.requests.load(Ordering::Relaxed) == at) {
-                    tracing::debug!(%peer, "no request head within header_timeout; closing");
-                    return Ended::Closed;
-                }
-                woken_head_by = None;
             }
             // The first request came: go round again with the idle timer armed.
             () = state.first_request.notified(), if !got_request => {}
+            // One cancellation at a time: `cut` comes only after `shutdown`, and once closing,
+            // shutdown has nothing left to do.
             _ = serve.shutdown.cancelled(), if !closing => {
                 conn.graceful_shutdown();
                 closing = true;
             }
             // shutdown_grace ran out: dropping the connection drops its requests, whose
             // records then write themselves.
-            _ = serve.shared.cut.cancelled() => return Ended::Closed,
+            _ = serve.shared.cut.cancelled(), if closing => return Ended::Closed,
         }
     }
 }
