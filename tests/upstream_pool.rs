@@ -1,8 +1,11 @@
 //! The upstream connection pool: HTTP/1.1 keep-alive connections to an upstream are reused for
-//! request after request (plain, chunked and bodiless responses, uploads, after a burst of
-//! concurrent requests), and never reused when they cannot be: a connection the upstream closed
-//! (with or without `Connection: close`, at once or after an idle timeout) costs the client
-//! nothing, and one whose response the client abandoned half read is not handed out again.
+//! request after request (plain, chunked and bodiless responses, responses ending with trailer
+//! fields, uploads, after a burst of concurrent requests, an upstream at an IPv6 literal), and
+//! never reused when they cannot be: a connection the upstream closed (with or without
+//! `Connection: close`, at once or after an idle timeout) costs the client nothing, one whose
+//! response the client abandoned half read is not handed out again, and one whose response is
+//! done while its request body is still being written (the upstream answered early) is not lent
+//! to another request until the upload has ended.
 //!
 //! Each upstream here is a small raw HTTP/1.1 server that numbers the connections it accepts and
 //! logs what it served on which, so the tests count the connections the gateway opened to the
@@ -31,6 +34,12 @@ const FIRST_EVENT: &str = "data: first\n\n";
 
 /// The length the upstream announces in its answer to a HEAD request (and sends no body).
 const HEAD_LENGTH: usize = 1234;
+
+/// The trailer field that ends the chunked responses to `/trailers…`.
+const TRAILER: &str = "x-checksum: 0123abcd";
+
+/// The body of the upstream's answer to `POST /early…`, sent before it reads the request body.
+const EARLY_ANSWER: &str = "answered early";
 
 // ---------------------------------------------------------------- the upstream
 
@@ -102,12 +111,17 @@ struct Shared {
     barrier: Barrier,
 }
 
-/// A raw HTTP/1.1 upstream on 127.0.0.1. It answers by method and path:
+/// A raw HTTP/1.1 upstream (on 127.0.0.1, or where [`PoolUpstream::start_on`] binds it). It
+/// answers by method and path:
 /// - `HEAD` anything: 200 with `Content-Length: HEAD_LENGTH` and no body;
-/// - `POST` anything: 200, the body `received N bytes, fnv H` (the request body's length and
-///   FNV-1a hash; Content-Length or chunked request bodies);
+/// - `POST /early…`: 200, `EARLY_ANSWER` with a Content-Length, as soon as the request head is
+///   in; only then is the request body read (to its end, and logged), and nothing more is sent;
+/// - `POST` anything else: 200, the body `received N bytes, fnv H` (the request body's length
+///   and FNV-1a hash; Content-Length or chunked request bodies);
 /// - `/no-content`: 204, no body;
 /// - `/chunked…`: 200, chunked, `reply to <target>` in three chunks;
+/// - `/trailers…`: as `/chunked…`, the last chunk followed by the trailer field `TRAILER`
+///   (announced in a `Trailer` header);
 /// - `/stream`: 200, chunked, the chunk `FIRST_EVENT`, then nothing more: the response is never
 ///   finished, and the connection ends when the gateway closes it;
 /// - `/held…`: as any other GET once `HELD` requests to `/held…` have arrived;
@@ -119,8 +133,16 @@ struct PoolUpstream {
 }
 
 impl PoolUpstream {
+    /// On 127.0.0.1.
     async fn start(behaviour: Behaviour) -> PoolUpstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        PoolUpstream::start_on("127.0.0.1:0", behaviour)
+            .await
+            .expect("an upstream on 127.0.0.1")
+    }
+
+    /// On `bind`; `None` when it cannot be bound there (an address this host does not have).
+    async fn start_on(bind: &str, behaviour: Behaviour) -> Option<PoolUpstream> {
+        let listener = TcpListener::bind(bind).await.ok()?;
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let log = watch::Sender::new(Log::default());
@@ -139,11 +161,11 @@ impl PoolUpstream {
                 tokio::spawn(serve_connection(stream, conn, shared.clone()));
             }
         });
-        PoolUpstream {
+        Some(PoolUpstream {
             addr,
             accepted,
             log,
-        }
+        })
     }
 
     fn url(&self) -> String {
@@ -203,6 +225,19 @@ async fn serve_connection(mut s: TcpStream, conn: usize, shared: Arc<Shared>) {
         let mut request_line = head.lines().next().unwrap_or("").split(' ');
         let method = request_line.next().unwrap_or("").to_owned();
         let target = request_line.next().unwrap_or("").to_owned();
+        let close = matches!(shared.behaviour.after, After::ConnectionClose);
+        let connection = if close { "Connection: close\r\n" } else { "" };
+        // Answered before its body is read: the gateway may still be writing it.
+        let early = method == "POST" && target.starts_with("/early");
+        if early {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{EARLY_ANSWER}",
+                EARLY_ANSWER.len()
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                break;
+            }
+        }
         let Some(body) = read_body(&mut s, &mut buf, &head).await else {
             break;
         };
@@ -237,9 +272,10 @@ async fn serve_connection(mut s: TcpStream, conn: usize, shared: Arc<Shared>) {
             shared.barrier.wait().await;
         }
 
-        let close = matches!(shared.behaviour.after, After::ConnectionClose);
-        let connection = if close { "Connection: close\r\n" } else { "" };
-        let answer = if method == "HEAD" {
+        let answer = if early {
+            // Already answered.
+            String::new()
+        } else if method == "HEAD" {
             format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {HEAD_LENGTH}\r\n{connection}\r\n"
             )
@@ -251,14 +287,24 @@ async fn serve_connection(mut s: TcpStream, conn: usize, shared: Arc<Shared>) {
             )
         } else if target == "/no-content" {
             format!("HTTP/1.1 204 No Content\r\n{connection}\r\n")
-        } else if target.starts_with("/chunked") {
+        } else if target.starts_with("/chunked") || target.starts_with("/trailers") {
+            let trailers = target.starts_with("/trailers");
+            let mut announced = String::new();
+            if trailers {
+                let (name, _) = TRAILER.split_once(':').unwrap();
+                write!(announced, "Trailer: {name}\r\n").unwrap();
+            }
             let mut a = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n{connection}\r\n"
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n{announced}{connection}\r\n"
             );
             for chunk in ["reply ", "to ", target.as_str()] {
                 write!(a, "{:x}\r\n{chunk}\r\n", chunk.len()).unwrap();
             }
-            a.push_str("0\r\n\r\n");
+            a.push_str("0\r\n");
+            if trailers {
+                write!(a, "{TRAILER}\r\n").unwrap();
+            }
+            a.push_str("\r\n");
             a
         } else {
             let text = format!("reply to {target}");
@@ -554,6 +600,18 @@ async fn chunked_responses_reuse_one_upstream_connection() {
 }
 
 #[tokio::test]
+async fn responses_with_trailers_reuse_one_upstream_connection() {
+    let up = PoolUpstream::start(KEEP_ALIVE).await;
+    let gw = Gateway::start(&config(&up.url())).await;
+    let client = client();
+    for i in 0..10 {
+        get_ok(&client, &gw, &up, &format!("/trailers/{i}")).await;
+    }
+    assert_eq!(up.accepted(), 1, "{:#?}", up.log());
+    assert_eq!(up.log().conns_of("/trailers"), vec![1; 10]);
+}
+
+#[tokio::test]
 async fn a_connection_whose_response_the_client_abandoned_is_closed_not_reused() {
     let up = PoolUpstream::start(KEEP_ALIVE).await;
     let gw = Gateway::start(&config(&up.url())).await;
@@ -667,4 +725,87 @@ async fn uploads_arrive_whole_and_reuse_one_upstream_connection() {
     );
     assert_eq!(up.accepted(), 1, "{log:#?}");
     assert_eq!(log.conns_of("/upload"), vec![1; 10]);
+}
+
+#[tokio::test]
+async fn an_early_answer_does_not_lend_a_connection_still_uploading() {
+    let up = PoolUpstream::start(KEEP_ALIVE).await;
+    let gw = Gateway::start(&config(&up.url())).await;
+    let client = client();
+
+    // A chunked upload: its first chunk now, the rest only when this test sends it.
+    let mut upload = TcpStream::connect(gw.addr).await.unwrap();
+    upload
+        .write_all(
+            b"POST /early HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    // The upstream's early answer arrives whole while the upload is open.
+    let mut got = Vec::new();
+    tokio::time::timeout(WITHIN, async {
+        while find(&got, EARLY_ANSWER.as_bytes()).is_none() {
+            let mut b = [0u8; 4096];
+            let n = upload.read(&mut b).await.unwrap();
+            assert!(
+                n > 0,
+                "the gateway closed: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&b[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "no early answer in {WITHIN:?}; upstream log: {:#?}",
+            up.log()
+        )
+    });
+    assert_eq!(status_of(&String::from_utf8_lossy(&got)), 200);
+    // Its audit record is written when its response body has ended: by then the gateway has
+    // given upstream connection 1 back to its pool, still writing the upload on it.
+    let rec = gw.wait_requests(1).await.remove(0);
+    assert_eq!(rec["status"], 200, "{rec}");
+    assert_eq!(rec["outcome"], "forwarded", "{rec}");
+    assert!(
+        up.log().served.is_empty(),
+        "the upload has not ended: {:#?}",
+        up.log()
+    );
+
+    // A request meanwhile is not lent connection 1: it goes on a new one.
+    get_ok(&client, &gw, &up, "/during").await;
+    assert_eq!(up.log().conns_of("/during"), vec![2], "{:#?}", up.log());
+    assert_eq!(up.accepted(), 2, "{:#?}", up.log());
+
+    // The upload ends on connection 1, whole: nothing of another request went into it.
+    upload.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    let early = up
+        .wait_until("the upload has arrived", |l| {
+            l.served.iter().find(|s| s.target == "/early").cloned()
+        })
+        .await;
+    assert_eq!((early.conn, early.body_len), (1, 11), "{:#?}", up.log());
+    // And the gateway goes on with the connections it has.
+    for i in 0..4 {
+        get_ok(&client, &gw, &up, &format!("/after/{i}")).await;
+    }
+    assert_eq!(up.accepted(), 2, "{:#?}", up.log());
+}
+
+#[tokio::test]
+async fn an_ipv6_literal_upstream_is_reached_and_reused() {
+    let Some(up) = PoolUpstream::start_on("[::1]:0", KEEP_ALIVE).await else {
+        eprintln!("no IPv6 loopback (::1) here; skipped");
+        return;
+    };
+    assert!(up.url().starts_with("http://[::1]:"), "{}", up.url());
+    let gw = Gateway::start(&config(&up.url())).await;
+    let client = client();
+    for i in 0..5 {
+        get_ok(&client, &gw, &up, &format!("/v6/{i}")).await;
+    }
+    assert_eq!(up.accepted(), 1, "{:#?}", up.log());
+    assert_eq!(up.log().conns_of("/v6"), vec![1; 5]);
 }

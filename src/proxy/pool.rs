@@ -27,8 +27,8 @@ use http::uri::Authority;
 use http::{HeaderValue, Request, Response, Uri, header::HOST};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower_service::Service;
 
 use super::body::ResponseBody;
 
@@ -53,21 +53,49 @@ struct Idle {
 
 #[derive(Default)]
 struct Pool {
+    /// The runtime whose tasks drive the pooled connections. A connection is only of use on
+    /// it: the gateway's workers run one runtime per thread for their whole life, but a thread
+    /// that ran another runtime before (tests) must not hand out connections nobody drives.
+    runtime: Option<tokio::runtime::Id>,
     /// Idle connections by upstream, oldest first. A linear search: a gateway has a few
     /// upstreams, and comparing a short authority beats hashing it.
     upstreams: Vec<(Authority, Vec<Idle>)>,
-    /// The task closing expired connections on this thread's runtime, once one is pooled.
+    /// The task closing expired connections, once one is pooled (on a current-thread runtime,
+    /// the gateway's workers; elsewhere they expire when met at checkout).
     sweeper: Option<tokio::task::JoinHandle<()>>,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    /// Resolves names, tries each address (IPv4 and IPv6 raced, "happy eyeballs"), and bounds
+    /// the connect: hyper-util's connector, without its client.
+    static CONNECTOR: HttpConnector = connector();
+}
+
+fn connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(true);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    http
 }
 
 impl Pool {
+    /// Forgets the connections of another runtime than the current one.
+    fn on_this_runtime(&mut self) {
+        let current = tokio::runtime::Handle::try_current().ok();
+        let id = current.as_ref().map(|h| h.id());
+        if id != self.runtime {
+            self.upstreams.clear();
+            self.sweeper = None;
+            self.runtime = id;
+        }
+    }
+
     /// The newest idle connection to `upstream` that is ready for a request. Closed and expired
     /// ones met on the way are dropped; one still finishing its last exchange stays.
     fn checkout(&mut self, upstream: &Authority, now: Instant) -> Option<Sender> {
+        self.on_this_runtime();
         let (_, idle) = self.upstreams.iter_mut().find(|(a, _)| same(a, upstream))?;
         let mut i = idle.len();
         while i > 0 {
@@ -86,6 +114,7 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
+        self.on_this_runtime();
         let idle = match self.upstreams.iter().position(|(a, _)| same(a, &upstream)) {
             Some(i) => &mut self.upstreams[i].1,
             None => {
@@ -99,8 +128,10 @@ impl Pool {
         }
         idle.push(Idle { sender, since: now });
         if self.sweeper.as_ref().is_none_or(|t| t.is_finished()) {
-            self.sweeper = tokio::runtime::Handle::try_current()
+            use tokio::runtime::{Handle, RuntimeFlavor};
+            self.sweeper = Handle::try_current()
                 .ok()
+                .filter(|rt| rt.runtime_flavor() == RuntimeFlavor::CurrentThread)
                 .map(|rt| rt.spawn(sweep()));
         }
     }
@@ -120,9 +151,8 @@ fn same(a: &Authority, b: &Authority) -> bool {
     a.as_str() == b.as_str()
 }
 
-/// Closes expired connections of the thread it runs on (the gateway's workers run one
-/// current-thread runtime each, so that is the thread whose pool spawned it); ends with the
-/// runtime.
+/// Closes expired connections of the thread it runs on (spawned only on a current-thread
+/// runtime: the thread whose pool spawned it); ends with the runtime.
 async fn sweep() {
     loop {
         tokio::time::sleep(IDLE_TIMEOUT / 2).await;
@@ -133,7 +163,7 @@ async fn sweep() {
 /// Why an exchange failed.
 pub enum Failed {
     /// No connection could be made.
-    Connect(std::io::Error),
+    Connect(Box<dyn std::error::Error + Send + Sync>),
     /// The connection failed, or the request or response did.
     Exchange(hyper::Error),
 }
@@ -170,8 +200,13 @@ pub async fn send(
 /// `Host` (if the client sent none) from the upstream's authority, and the target in origin
 /// form, as hyper-util's client wrote them.
 fn prepare(req: &mut Request<ResponseBody>, upstream: &Authority) {
+    // Without the default port, as hyper-util wrote it.
+    let host = match upstream.port_u16() {
+        Some(80) => upstream.host(),
+        _ => upstream.as_str(),
+    };
     if !req.headers().contains_key(HOST)
-        && let Ok(v) = HeaderValue::from_str(upstream.as_str())
+        && let Ok(v) = HeaderValue::from_str(host)
     {
         req.headers_mut().insert(HOST, v);
     }
@@ -187,28 +222,24 @@ fn prepare(req: &mut Request<ResponseBody>, upstream: &Authority) {
 }
 
 async fn connect(upstream: &Authority) -> Result<Sender, Failed> {
-    // `[::1]` is an IPv6 literal without its brackets for the socket address.
-    let host = upstream
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = upstream.port_u16().unwrap_or(80);
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port))).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Failed::Connect(e)),
-        Err(_) => {
-            return Err(Failed::Connect(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "connect timed out",
-            )));
-        }
-    };
-    let _ = stream.set_nodelay(true);
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(upstream.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|e| Failed::Connect(Box::new(e)))?;
+    let mut http = CONNECTOR.with(HttpConnector::clone);
+    std::future::poll_fn(|cx| http.poll_ready(cx))
+        .await
+        .map_err(|e| Failed::Connect(Box::new(e)))?;
+    let stream = http
+        .call(uri)
+        .await
+        .map_err(|e| Failed::Connect(Box::new(e)))?;
     let (sender, conn) = Builder::new()
         // As the server side (`server::builder`): one flat buffer per write.
         .writev(false)
-        .handshake(TokioIo::new(stream))
+        .handshake(stream)
         .await
         .map_err(Failed::Exchange)?;
     tokio::spawn(async move {
@@ -263,7 +294,11 @@ impl Body for Pooled {
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // Trailers end a body: hyper reads no further than them (nor does its server, which
+            // drops the body after passing them on), and its connection is idle by then.
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() || this.body.is_end_stream() => {
+                this.release()
+            }
             Poll::Ready(Some(Err(_))) => this.back = None,
             _ => {}
         }
