@@ -184,18 +184,9 @@ impl PoolUpstream {
     /// Waits (bounded by `WITHIN`) until `pred` holds for the log; woken on every change.
     async fn wait_until<T>(&self, what: &str, mut pred: impl FnMut(&Log) -> Option<T>) -> T {
         let mut rx = self.log.subscribe();
-        let mut out = None;
-        let r = tokio::time::timeout(
-            WITHIN,
-            rx.wait_for(|l| {
-                out = pred(l);
-                out.is_some()
-            }),
-        )
-        .await;
-        match (r, out) {
-            (Ok(Ok(_)), Some(v)) => v,
-            _ => panic!(
+        match wait_watch(&mut rx, WITHIN, |l| pred(l)).await {
+            Some(v) => v,
+            None => panic!(
                 "timed out waiting until {what}; upstream log: {:#?}",
                 self.log()
             ),
@@ -587,28 +578,27 @@ async fn head_responses_with_a_length_and_no_body_reuse_one_upstream_connection(
     assert_eq!(log.conns_of("/file"), vec![1; 10]);
 }
 
-#[tokio::test]
-async fn chunked_responses_reuse_one_upstream_connection() {
+/// Ten GETs of `prefix/{i}` from a keep-alive upstream, each answered whole, all on one upstream
+/// connection.
+async fn ten_on_one_connection(prefix: &str) {
     let up = PoolUpstream::start(KEEP_ALIVE).await;
     let gw = Gateway::start(&config(&up.url())).await;
     let client = client();
     for i in 0..10 {
-        get_ok(&client, &gw, &up, &format!("/chunked/{i}")).await;
+        get_ok(&client, &gw, &up, &format!("{prefix}/{i}")).await;
     }
     assert_eq!(up.accepted(), 1, "{:#?}", up.log());
-    assert_eq!(up.log().conns_of("/chunked"), vec![1; 10]);
+    assert_eq!(up.log().conns_of(prefix), vec![1; 10]);
+}
+
+#[tokio::test]
+async fn chunked_responses_reuse_one_upstream_connection() {
+    ten_on_one_connection("/chunked").await;
 }
 
 #[tokio::test]
 async fn responses_with_trailers_reuse_one_upstream_connection() {
-    let up = PoolUpstream::start(KEEP_ALIVE).await;
-    let gw = Gateway::start(&config(&up.url())).await;
-    let client = client();
-    for i in 0..10 {
-        get_ok(&client, &gw, &up, &format!("/trailers/{i}")).await;
-    }
-    assert_eq!(up.accepted(), 1, "{:#?}", up.log());
-    assert_eq!(up.log().conns_of("/trailers"), vec![1; 10]);
+    ten_on_one_connection("/trailers").await;
 }
 
 #[tokio::test]

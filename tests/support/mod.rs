@@ -21,3 +21,25 @@ pub use {gateway::*, pki::*, raw::*, redis::*, upstream::*};
 
 /// The bound on every wait in the tests: a line, a response, an exit.
 pub const WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Waits (bounded by `within`) until `pred` gives a value for what `rx` watches; woken on every
+/// change. `None` when the time ran out or the sender is gone.
+pub async fn wait_watch<V, T>(
+    rx: &mut tokio::sync::watch::Receiver<V>,
+    within: std::time::Duration,
+    mut pred: impl FnMut(&V) -> Option<T>,
+) -> Option<T> {
+    let mut out = None;
+    let r = tokio::time::timeout(
+        within,
+        rx.wait_for(|v| {
+            out = pred(v);
+            out.is_some()
+        }),
+    )
+    .await;
+    match r {
+        Ok(Ok(_)) => out,
+        _ => None,
+    }
+}

@@ -551,18 +551,9 @@ impl Realtime {
     /// Waits (bounded by `WAIT`) until `pred` holds for the sessions; woken on every change.
     pub async fn wait_until<T>(&self, mut pred: impl FnMut(&[RealtimeSession]) -> Option<T>) -> T {
         let mut rx = self.log.subscribe();
-        let mut out = None;
-        let r = tokio::time::timeout(
-            super::WAIT,
-            rx.wait_for(|s| {
-                out = pred(s);
-                out.is_some()
-            }),
-        )
-        .await;
-        match (r, out) {
-            (Ok(Ok(_)), Some(v)) => v,
-            _ => panic!(
+        match super::wait_watch(&mut rx, super::WAIT, |s: &Vec<RealtimeSession>| pred(s)).await {
+            Some(v) => v,
+            None => panic!(
                 "timed out waiting on the realtime upstream; sessions: {:#?}",
                 self.sessions()
             ),
