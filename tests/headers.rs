@@ -119,3 +119,27 @@ async fn request_id_from_an_untrusted_client_is_replaced() {
     assert_ne!(id, "forged");
     assert!(resp.contains(&id), "response carries the same id: {resp}");
 }
+
+#[tokio::test]
+async fn a_configured_key_header_and_expect_never_reach_the_upstream() {
+    let up = upstream().await;
+    let cfg = config(&up, "").replacen(
+        "[[keys]]",
+        "[auth]\nheaders = [\"x-portcullis-key\"]\n[[keys]]",
+        1,
+    );
+    let gw = Gateway::start_with_env(&cfg, &[("UP_SECRET", UPSTREAM_SECRET)]).await;
+    let req = format!(
+        "POST /v1/chat HTTP/1.1\r\nHost: gw.test\r\nX-Portcullis-Key: {CLIENT_KEY}\r\n\
+         Expect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let resp = raw(gw.addr, req.as_bytes()).await;
+    assert!(resp.contains("HTTP/1.1 200"), "{resp}");
+    let seen = &up.seen()[0];
+    assert_eq!(seen.header("x-portcullis-key"), None);
+    assert_eq!(seen.header("expect"), None);
+    assert_eq!(
+        seen.header_all("authorization"),
+        [format!("Bearer {UPSTREAM_SECRET}")]
+    );
+}
