@@ -72,8 +72,9 @@ pub fn upstream_path(route: &Route, path: &str) -> String {
     out
 }
 
-/// The URI the upstream receives: its own scheme and authority, the normalized path (see
-/// [`upstream_path`]), and the query as the client sent it, minus `auth.query_param` (a key in
+/// The request target the upstream receives, in origin form (the upstream's authority travels
+/// apart, to the connection pool or the WebSocket connect): the normalized path (see
+/// [`upstream_path`]) and the query as the client sent it, minus `auth.query_param` (a key in
 /// the query is the gateway's, never the upstream's).
 pub fn upstream_uri(
     route: &Route,
@@ -90,11 +91,8 @@ pub fn upstream_uri(
         target.push('?');
         target.push_str(&q);
     }
-    http::Uri::builder()
-        .scheme(route.upstream.scheme.clone())
-        .authority(route.upstream.authority.clone())
-        .path_and_query(target)
-        .build()
+    http::uri::PathAndQuery::try_from(target)
+        .map(http::Uri::from)
         .map_err(|_| crate::error::GatewayError::BadRequest)
 }
 

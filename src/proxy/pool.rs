@@ -111,10 +111,11 @@ impl Pool {
     }
 
     fn checkin(&mut self, upstream: Authority, sender: Sender, now: Instant) {
+        // No runtime check here: a pool left from another runtime is cleared at the next
+        // checkout, which comes before any connection is taken from it.
         if sender.is_closed() {
             return;
         }
-        self.on_this_runtime();
         let idle = match self.upstreams.iter().position(|(a, _)| same(a, &upstream)) {
             Some(i) => &mut self.upstreams[i].1,
             None => {
@@ -168,7 +169,7 @@ pub enum Failed {
     Exchange(hyper::Error),
 }
 
-/// Sends `req` (its URI absolute, to `upstream`) on a pooled connection or a new one, and
+/// Sends `req` (its target in origin form) to `upstream` on a pooled connection or a new one, and
 /// returns the response head; the connection goes back to the pool when its body has ended.
 pub async fn send(
     upstream: &Authority,
@@ -197,8 +198,8 @@ pub async fn send(
     }
 }
 
-/// `Host` (if the client sent none) from the upstream's authority, and the target in origin
-/// form, as hyper-util's client wrote them.
+/// `Host` from the upstream's authority if the client sent none, as hyper-util's client wrote it
+/// (the target is already in origin form: `route::upstream_uri`).
 fn prepare(req: &mut Request<ResponseBody>, upstream: &Authority) {
     // Without the default port, as hyper-util wrote it.
     let host = match upstream.port_u16() {
@@ -210,15 +211,6 @@ fn prepare(req: &mut Request<ResponseBody>, upstream: &Authority) {
     {
         req.headers_mut().insert(HOST, v);
     }
-    let origin = match req.uri().path_and_query() {
-        Some(pq) if pq.as_str() != "/" => {
-            let mut parts = http::uri::Parts::default();
-            parts.path_and_query = Some(pq.clone());
-            Uri::from_parts(parts).unwrap_or_default()
-        }
-        _ => Uri::default(),
-    };
-    *req.uri_mut() = origin;
 }
 
 async fn connect(upstream: &Authority) -> Result<Sender, Failed> {

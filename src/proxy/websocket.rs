@@ -82,10 +82,6 @@ pub async fn open(
     authority: &Authority,
     timeout: Duration,
 ) -> Result<Opened, GatewayError> {
-    // hyper's low-level client writes the URI as given: origin-form for the upstream.
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        parts.uri = http::Uri::from(pq);
-    }
     let client_upgrade = parts.extensions.remove::<OnUpgrade>();
     let offered_extensions = parts
         .headers
