@@ -469,16 +469,22 @@ async fn get_ok(client: &reqwest::Client, gw: &Gateway, up: &PoolUpstream, path:
 
 // ---------------------------------------------------------------- the tests
 
-#[tokio::test]
-async fn sequential_requests_reuse_one_upstream_connection() {
+/// `n` GETs of `prefix/{i}` from a keep-alive upstream, one after another, each answered whole,
+/// all on one upstream connection.
+async fn all_on_one_connection(prefix: &str, n: usize) {
     let up = PoolUpstream::start(KEEP_ALIVE).await;
     let gw = Gateway::start(&config(&up.url())).await;
     let client = client();
-    for i in 0..20 {
-        get_ok(&client, &gw, &up, &format!("/plain/{i}")).await;
+    for i in 0..n {
+        get_ok(&client, &gw, &up, &format!("{prefix}/{i}")).await;
     }
     assert_eq!(up.accepted(), 1, "{:#?}", up.log());
-    assert_eq!(up.log().conns_of("/plain"), vec![1; 20]);
+    assert_eq!(up.log().conns_of(prefix), vec![1; n]);
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    all_on_one_connection("/plain", 20).await;
 }
 
 #[tokio::test]
@@ -578,27 +584,14 @@ async fn head_responses_with_a_length_and_no_body_reuse_one_upstream_connection(
     assert_eq!(log.conns_of("/file"), vec![1; 10]);
 }
 
-/// Ten GETs of `prefix/{i}` from a keep-alive upstream, each answered whole, all on one upstream
-/// connection.
-async fn ten_on_one_connection(prefix: &str) {
-    let up = PoolUpstream::start(KEEP_ALIVE).await;
-    let gw = Gateway::start(&config(&up.url())).await;
-    let client = client();
-    for i in 0..10 {
-        get_ok(&client, &gw, &up, &format!("{prefix}/{i}")).await;
-    }
-    assert_eq!(up.accepted(), 1, "{:#?}", up.log());
-    assert_eq!(up.log().conns_of(prefix), vec![1; 10]);
-}
-
 #[tokio::test]
 async fn chunked_responses_reuse_one_upstream_connection() {
-    ten_on_one_connection("/chunked").await;
+    all_on_one_connection("/chunked", 10).await;
 }
 
 #[tokio::test]
 async fn responses_with_trailers_reuse_one_upstream_connection() {
-    ten_on_one_connection("/trailers").await;
+    all_on_one_connection("/trailers", 10).await;
 }
 
 #[tokio::test]
